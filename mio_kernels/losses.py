@@ -1,0 +1,166 @@
+"""Preference losses as pure functions of per-sequence log-ratios, each with its closed-form gradient.
+
+Every formula here is the one in losses.md, written once. A loss takes
+
+    u_chosen   [P]     log-ratio u(w) = l(w) - l_ref(w) of each prompt's chosen response
+    u_rejected [K, P]  log-ratios of its K rejected responses
+    beta > 0, label_smoothing in [0, 1/2)
+
+and returns a `PerPromptLoss`: the loss of each prompt [P] (built from differentiable torch ops, so
+autograd can check the closed forms) and dloss/du for the chosen [P] and rejected [K, P] inputs.
+The fused op only needs these gradients: it never differentiates through this module.
+
+Adding a loss = one function + one `register_loss` line + one row in tests/test_losses.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class PerPromptLoss(NamedTuple):
+    loss: Tensor           # [P]
+    grad_chosen: Tensor    # [P]     dloss[p] / du_chosen[p]
+    grad_rejected: Tensor  # [K, P]  dloss[p] / du_rejected[k, p]
+
+
+LossFn = Callable[[Tensor, Tensor, float, float], PerPromptLoss]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: LossFn
+    pairwise: bool             # defined on one (w, l) pair; K > 1 averages over the K pairs
+    length_normalized: bool    # always uses per-token averaged log-probs (IPO)
+    uses_label_smoothing: bool = False
+
+
+LOSSES: Dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, fn: LossFn, *, pairwise: bool, length_normalized: bool = False,
+                  uses_label_smoothing: bool = False) -> None:
+    LOSSES[name] = LossSpec(fn, pairwise, length_normalized, uses_label_smoothing)
+
+
+def get_loss(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got {name!r}")
+    return LOSSES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The two MI losses, defined for any K.
+
+
+def dpo_loss(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing: float = 0.0) -> PerPromptLoss:
+    """DV / InfoNCE form: L = logsumexp(r_w, r_1..r_K) - r_w, r = beta*u. K=1: -log sigmoid(r_w - r_l)."""
+    rewards = beta * torch.cat([u_chosen[None], u_rejected], dim=0)          # [K+1, P]
+    loss = torch.logsumexp(rewards, dim=0) - rewards[0]
+    weights = torch.softmax(rewards, dim=0)                                   # dL/dr_k = softmax_k - 1[k=w]
+    return PerPromptLoss(loss, beta * (weights[0] - 1.0), beta * weights[1:])
+
+
+def mio_loss(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing: float = 0.0) -> PerPromptLoss:
+    """JS form: L = sp(-r_w) + (sp(r_w) + sum_k sp(r_k)) / (K+1). K=1 is nca_pair."""
+    k_plus_1 = u_rejected.shape[0] + 1
+    r_w, r_l = beta * u_chosen, beta * u_rejected
+    loss = F.softplus(-r_w) + (F.softplus(r_w) + F.softplus(r_l).sum(0)) / k_plus_1
+    # Chosen gradient vanishes at r_w = ln(K+1): pulled up, then held, never pushed down.
+    grad_w = -torch.sigmoid(-r_w) + torch.sigmoid(r_w) / k_plus_1
+    grad_l = torch.sigmoid(r_l) / k_plus_1
+    return PerPromptLoss(loss, beta * grad_w, beta * grad_l)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pairwise family: each is a loss of one (u_w, u_l) pair, broadcast over the K negatives and
+# averaged over them by `_average_over_pairs`.
+
+
+class PairLoss(NamedTuple):
+    loss: Tensor     # [K, P]
+    grad_w: Tensor   # [K, P]  d pair_loss / du_w
+    grad_l: Tensor   # [K, P]  d pair_loss / du_l
+
+
+def _average_over_pairs(pair_fn: Callable[[Tensor, Tensor, float, float], PairLoss]) -> LossFn:
+    def loss_fn(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing: float = 0.0) -> PerPromptLoss:
+        k = u_rejected.shape[0]
+        pair = pair_fn(u_chosen.expand_as(u_rejected), u_rejected, beta, label_smoothing)
+        return PerPromptLoss(pair.loss.mean(0), pair.grad_w.mean(0), pair.grad_l / k)
+
+    loss_fn.__name__ = pair_fn.__name__
+    loss_fn.__doc__ = pair_fn.__doc__
+    return loss_fn
+
+
+def ipo_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
+    """(u_w - u_l - 1/(2 beta))^2 on per-token averaged log-ratios."""
+    gap = u_w - u_l - 1.0 / (2.0 * beta)
+    return PairLoss(gap.square(), 2.0 * gap, -2.0 * gap)
+
+
+def hinge_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
+    """relu(1 - beta * (u_w - u_l))."""
+    slack = 1.0 - beta * (u_w - u_l)
+    active = (slack > 0).to(slack.dtype)
+    return PairLoss(torch.relu(slack), -beta * active, beta * active)
+
+
+def robust_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
+    """[-(1-eps) log sig(beta d) + eps log sig(-beta d)] / (1 - 2 eps), d = u_w - u_l."""
+    eps = label_smoothing
+    z = beta * (u_w - u_l)
+    loss = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    grad = beta * (-(1.0 - eps) * torch.sigmoid(-z) - eps * torch.sigmoid(z)) / (1.0 - 2.0 * eps)
+    return PairLoss(loss, grad, -grad)
+
+
+def bco_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
+    """-log sig(beta u_w) - log sig(-beta u_l)."""
+    zw, zl = beta * u_w, beta * u_l
+    loss = F.softplus(-zw) + F.softplus(zl)
+    return PairLoss(loss, -beta * torch.sigmoid(-zw), beta * torch.sigmoid(zl))
+
+
+def sppo_hard_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
+    """(u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2."""
+    gw, gl = u_w - 0.5 / beta, u_l + 0.5 / beta
+    return PairLoss(gw.square() + gl.square(), 2.0 * gw, 2.0 * gl)
+
+
+def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
+    """(1 - sig(beta u_w)) + sig(beta u_l)."""
+    sw, sl = torch.sigmoid(beta * u_w), torch.sigmoid(beta * u_l)
+    return PairLoss((1.0 - sw) + sl, -beta * sw * (1.0 - sw), beta * sl * (1.0 - sl))
+
+
+register_loss("mio", mio_loss, pairwise=False)
+register_loss("dpo", dpo_loss, pairwise=False)
+register_loss("ipo", _average_over_pairs(ipo_pair), pairwise=True, length_normalized=True)
+register_loss("hinge", _average_over_pairs(hinge_pair), pairwise=True)
+register_loss("robust", _average_over_pairs(robust_pair), pairwise=True, uses_label_smoothing=True)
+register_loss("bco_pair", _average_over_pairs(bco_pair), pairwise=True)
+register_loss("sppo_hard", _average_over_pairs(sppo_hard_pair), pairwise=True)
+register_loss("apo_zero", _average_over_pairs(apo_zero_pair), pairwise=True)
+
+LN4 = 2.0 * math.log(2.0)  # mio at zero rewards, K = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# MI estimators on critic scores (for the Gaussian MI reproduction). Same DV / JS forms as above.
+
+
+def dv_mi_estimate(scores_pos: Tensor, scores_neg: Tensor) -> Tensor:
+    """Donsker-Varadhan / MINE: mean T_pos - log mean exp(T_neg). Differentiable."""
+    return scores_pos.mean() - (torch.logsumexp(scores_neg.flatten(), 0) - math.log(scores_neg.numel()))
+
+
+def js_mi_estimate(scores_pos: Tensor, scores_neg: Tensor) -> Tensor:
+    """Jensen-Shannon bound: mean(-sp(-T_pos)) - mean(sp(T_neg)). Differentiable."""
+    return (-F.softplus(-scores_pos)).mean() - F.softplus(scores_neg).mean()
