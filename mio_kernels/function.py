@@ -1,0 +1,187 @@
+"""The fused op: one autograd.Function from LM-head inputs to the preference loss.
+
+forward:  kernel forward (per-token logp [N] and lse [N], logits never whole)
+          -> sequence reduction l [S] -> objective: loss, closed-form dL/dlogp per sequence [S]
+backward: dlogp per token = grad_loss * that factor -> kernel backward (recomputes logit tiles)
+Saved for backward: the inputs, lse [N] and the [S] factor. Nothing of size N x V.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mio_kernels.backends import get_backend, resolve_backend
+from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
+from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
+from mio_kernels.sequence import reduce_sequences
+from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
+                                    check_reference)
+
+
+@dataclass
+class MIOLossOutput:
+    loss: Tensor                   # scalar, differentiable w.r.t. hidden, weight, bias
+    policy_logps: Tensor           # [S] detached sequence log-probs l(y)
+    ref_logps: Optional[Tensor]    # [S] detached reference log-probs (None when reference_free)
+    metrics: Dict[str, Tensor]     # detached 0-dim tensors, TRL names (call .item() at log time)
+
+
+def _flat(hidden: Tensor, labels: Tensor):
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).contiguous().long()
+
+
+def _kernel_token_logprobs(backend: str, hidden, weight, bias, labels, ignore_index):
+    """Forward kernel only: per-token log-probs shaped like labels, and the flat lse [N]."""
+    h, y = _flat(hidden, labels)
+    logp, lse = get_backend(backend).forward(h, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                             y, ignore_index)
+    return logp.view(labels.shape), lse
+
+
+def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: int):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors[:5]
+    h, y = _flat(hidden, labels)
+    d_hidden, d_weight, d_bias = get_backend(backend).backward(
+        h, weight.contiguous(), None if bias is None else bias.contiguous(), y, lse,
+        grad_token_logp.reshape(-1).float(), ignore_index,
+        ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    if d_hidden is not None:
+        d_hidden = d_hidden.view(hidden.shape)
+    return d_hidden, (d_weight if ctx.needs_input_grad[1] else None), (d_bias if ctx.needs_input_grad[2] else None)
+
+
+class FusedPreferenceLossFunction(torch.autograd.Function):
+    """(hidden, weight, bias, labels, ref_logps, cfg, backend, check_finite) -> (loss, policy_logps, metrics)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_logps, cfg: PreferenceConfig, backend: str,
+                check_finite: bool):
+        token_logps, lse = _kernel_token_logprobs(backend, hidden, weight, bias, labels, cfg.ignore_index)
+        policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
+        if check_finite:
+            check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
+        objective = preference_objective(policy, ref_logps, cfg)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, objective.seq_token_grad)
+        ctx.cfg, ctx.backend = cfg, backend
+        ctx.mark_non_differentiable(policy.logps, objective.metrics)
+        return objective.loss, policy.logps, objective.metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logps, _grad_metrics):
+        seq_token_grad = ctx.saved_tensors[5]
+        labels = ctx.saved_tensors[3]
+        grad_token_logp = (grad_loss * seq_token_grad)[:, None].expand(labels.shape)
+        d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """(hidden, weight, bias, labels, ignore_index, backend) -> per-token log-probs, any upstream grad."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, backend: str):
+        token_logps, lse = _kernel_token_logprobs(backend, hidden, weight, bias, labels, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.ignore_index, ctx.backend = ignore_index, backend
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):
+        return (*_kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index), None, None, None)
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                    ignore_index: int = -100, backend: str = "auto") -> Tensor:
+    """Per-token log-probs of `labels` under logits hidden @ weight.T (+ bias), never held whole.
+
+    hidden [..., H] (fp32/bf16/fp16), weight [V, H], labels [...] int -> fp32 [...] (0 where ignored),
+    differentiable w.r.t. hidden, weight and bias for any upstream gradient.
+    """
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        return reference_token_logprobs(hidden, weight, labels.long(), bias, ignore_index)
+    return LinearLogprobsFunction.apply(hidden, weight, bias, labels.long(), ignore_index, backend)
+
+
+def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                   ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
+                   ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                   loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
+                   label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
+                   sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
+                   check_finite: bool = True) -> MIOLossOutput:
+    """Preference loss straight from LM-head inputs, without materialising the logits.
+
+    hidden [S, T, H] policy final hidden states (fp32/bf16/fp16), weight [V, H], labels [S, T] int
+    (already shifted; ignore_index = not scored). Rows: P chosen, then K = num_negatives blocks of P
+    rejected (S = P * (1 + K); K = 1 is TRL's/Liger's concatenated layout).
+    Reference: ref_logps [S] (same reduction as policy_logps: a mean when length-normalised), or the
+    reference model's ref_hidden [S, T, H_ref] + ref_weight [V, H_ref] (+ ref_bias), scored
+    forward-only; neither with reference_free=True.
+    Loss formulas: losses.md. check_finite: one host sync to turn NaN/inf inputs into a ValueError.
+    """
+    cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
+                           label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+                           reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index)
+    check_config(cfg)
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [S, T, H], got shape {tuple(hidden.shape)}")
+    check_batch_layout(hidden.shape[0], cfg)
+    check_reference(cfg, hidden, ref_logps, ref_hidden, ref_weight)
+    if ref_hidden is not None:
+        check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
+                            hidden_name="ref_hidden", weight_name="ref_weight", bias_name="ref_bias",
+                            check_label_values=False)
+    backend = resolve_backend(backend, hidden.device)
+    labels = labels.long()
+
+    if backend == "reference":
+        out = reference_preference_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps,
+                                        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                                        **dataclasses.asdict(cfg))
+        if check_finite:
+            check_finite_result(out.policy_logps, hidden=hidden, weight=weight, bias=bias)
+        return out
+
+    if ref_hidden is not None:
+        with torch.no_grad():  # the reference model runs the forward kernel only
+            ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(),
+                                                   None if ref_bias is None else ref_bias.detach(),
+                                                   labels, ignore_index)
+            ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized).logps
+            if check_finite:
+                check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
+        hidden, weight, bias, labels, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_finite)
+    return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics))
+
+
+class FusedMIOLoss(nn.Module):
+    """nn.Module form of `fused_mio_loss`: configure once, call with (hidden, weight, labels, ...)."""
+
+    def __init__(self, loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
+                 label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
+                 sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
+                 check_finite: bool = True):
+        super().__init__()
+        self.options = dict(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
+                            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+                            reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index,
+                            backend=backend, check_finite=check_finite)
+        check_config(PreferenceConfig(**{k: v for k, v in self.options.items()
+                                         if k not in ("backend", "check_finite")}))
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
+                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None) -> MIOLossOutput:
+        return fused_mio_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
+                              ref_weight=ref_weight, ref_bias=ref_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,1 @@
+"""Triton kernels: one kernel and its launcher per file; launch configs in config.py."""

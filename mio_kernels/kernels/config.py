@@ -1,0 +1,61 @@
+"""The one shipped launch configuration per kernel (no autotuning), and the interpreter switches.
+
+GPU tiles: 128-token x 128-vocab logit tiles, 64-wide reduction steps; bf16/fp16 operands feed
+the tensor cores (mma on sm_80, wgmma on sm_90) with fp32 accumulation; fp32 operands use IEEE
+fp32 dots so fp32 results match a float64 reference to ~1e-6.
+Under TRITON_INTERPRET=1 (CI without a GPU) each program instance is slow, so tiles are large
+and the vocabulary is not split.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    v_splits: int = 1   # forward only: vocabulary slices per token block
+    group_n: int = 8    # backward only: token blocks per L2-friendly group
+
+
+def _block_d(d: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(d)))
+
+
+def forward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig:
+    if interpreting():
+        return LaunchConfig(block_n=64, block_v=512, block_d=_block_d(d, 128), num_warps=4, num_stages=1)
+    token_blocks = triton.cdiv(n, 128)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Split the vocabulary only when there are too few token blocks to fill the GPU twice over.
+    v_splits = max(1, min(triton.cdiv(2 * sms, token_blocks), triton.cdiv(v, 4096)))
+    return LaunchConfig(block_n=128, block_v=128, block_d=_block_d(d, 64), num_warps=8, num_stages=3,
+                        v_splits=v_splits)
+
+
+def backward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig:
+    if interpreting():
+        return LaunchConfig(block_n=64, block_v=512, block_d=_block_d(d, 128), num_warps=4, num_stages=1)
+    return LaunchConfig(block_n=128, block_v=128, block_d=_block_d(d, 64), num_warps=8, num_stages=2)
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    # tf32 would cost fp32 inputs ~1e-3 relative error; ieee keeps them exact to fp32 rounding.
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def upcast_on_load(t: torch.Tensor) -> bool:
+    # The interpreter computes bf16 arithmetic wrongly; on a GPU, low precision feeds tensor cores.
+    return interpreting() and t.dtype != torch.float32

@@ -1,0 +1,126 @@
+"""Triton backward: recompute a logit tile, turn it into dZ, and scatter dH, dW, db.
+
+One program per (token block, vocab block) tile:
+    z  = h @ w.T (+ b)                      recomputed from the saved inputs, fp32 accumulate
+    dZ = g * (onehot(y) - exp(z - lse))     g = dL/dlogp per token (0 where ignored), lse saved
+    dH[tokens] += dZ @ w,  dW[vocab] += dZ.T @ h,  db[vocab] += sum_tokens dZ
+The adds are fp32 atomics into dH [N, D] and dW [V, D] (cast to the parameter dtype by the
+launcher), so no N x V tensor ever exists and nothing beyond dH + dW + O(N) is allocated.
+Tiles whose tokens all have g = 0 (prompt tokens, masked rows) skip all work.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mio_kernels.kernels.config import backward_config, dot_precision, upcast_on_load
+
+
+@triton.jit
+def logprob_backward_kernel(
+    H, W, B, Y, LSE, G, DH, DW, DB,
+    N, V, D, stride_hn, stride_wv, stride_dhn, stride_dwv,
+    HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # Grouped tile order: GROUP_N token blocks sweep the vocabulary together, so their h rows
+    # and the w tiles they share stay in L2.
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    blocks_v = tl.cdiv(V, BLOCK_V)
+    tiles_per_group = GROUP_N * blocks_v
+    first_n = (pid // tiles_per_group) * GROUP_N
+    group_size = tl.minimum(blocks_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % tiles_per_group) % group_size
+    pid_v = (pid % tiles_per_group) // group_size
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    g = tl.load(G + offs_n, mask=mask_n, other=0.0)
+    if tl.max(tl.abs(g), axis=0) > 0.0:
+        logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :],
+                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+
+        labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
+        lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+        probs = tl.exp(logits - lse[:, None])
+        onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
+        dz = g[:, None] * (onehot - probs)
+        dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+        if HAS_BIAS and COMPUTE_DW:
+            tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+        # Low-precision inputs: dZ joins them in the tensor-core dots (fp32 accumulation).
+        if UPCAST:
+            dz_op = dz
+        else:
+            dz_op = dz.to(H.dtype.element_ty)
+
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            if COMPUTE_DH:
+                w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :],
+                            mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(DH + offs_n[:, None] * stride_dhn + offs_d[None, :], dh,
+                              mask=mask_n[:, None] & mask_d[None, :])
+            if COMPUTE_DW:
+                h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :],
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
+                tl.atomic_add(DW + offs_v[:, None] * stride_dwv + offs_d[None, :], dw,
+                              mask=mask_v[:, None] & mask_d[None, :])
+
+
+def logprob_backward(hidden, weight, bias, labels, lse, grad_logp, ignore_index,
+                     needs_hidden_grad: bool, needs_weight_grad: bool):
+    """Gradients of sum_t grad_logp[t] * logp[t]; see the module docstring.
+
+    Allocates fp32 dH [N, D] and dW [V, D] (+ db [V]) accumulators and nothing of size N x V.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = backward_config(n, v, d, hidden.device)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    d_hidden = torch.zeros((n, d), **f32) if needs_hidden_grad else None
+    d_weight = torch.zeros((v, d), **f32) if needs_weight_grad else None
+    d_bias = torch.zeros((v,), **f32) if (needs_weight_grad and bias is not None) else None
+    if d_hidden is None and d_weight is None:
+        return None, None, None
+    # Ignored tokens carry grad 0 by contract; force it so a stray value cannot leak in.
+    grad_logp = torch.where(labels != ignore_index, grad_logp.float(), 0.0).contiguous()
+    any_out = d_hidden if d_hidden is not None else d_weight
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
+    logprob_backward_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, lse, grad_logp,
+        d_hidden if d_hidden is not None else any_out,
+        d_weight if d_weight is not None else any_out,
+        d_bias if d_bias is not None else any_out,
+        n, v, d, hidden.stride(0), weight.stride(0), d, d,
+        HAS_BIAS=bias is not None, COMPUTE_DH=d_hidden is not None, COMPUTE_DW=d_weight is not None,
+        UPCAST=upcast_on_load(hidden), DOT_PRECISION=dot_precision(hidden),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+    return cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)

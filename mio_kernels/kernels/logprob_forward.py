@@ -1,0 +1,87 @@
+"""Triton forward: logit tiles -> online logsumexp (fp32) -> target gather -> per-token log-prob.
+
+Grid (token blocks, vocab splits). Each program walks its slice of the vocabulary in BLOCK_V
+tiles; a tile of logits z = h @ w.T (+ b) lives only in registers. Per split it writes the
+partial logsumexp and the target logit (0 unless the label falls in that split); the launcher
+merges the splits (O(N * splits)). Splitting V keeps the GPU busy when N is small.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mio_kernels.kernels.config import forward_config, dot_precision, upcast_on_load
+
+
+@triton.jit
+def logprob_forward_kernel(
+    H, W, B, Y, LSE_PART, TARGET_PART,
+    N, V, D, stride_hn, stride_wv, ignore_index, v_per_split,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    labels = tl.load(Y + offs_n, mask=mask_n, other=ignore_index)
+
+    row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    row_sumexp = tl.zeros((BLOCK_N,), tl.float32)
+    target = tl.zeros((BLOCK_N,), tl.float32)
+
+    v_begin = pid_split * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :],
+                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST:  # the interpreter's bf16 arithmetic is wrong: upcast right after load
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(mask_v[None, :], logits, float("-inf"))
+
+        # Online logsumexp: every split holds >= 1 valid column, so new_max is finite.
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        row_sumexp = row_sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        row_max = new_max
+        is_target = offs_v[None, :] == labels[:, None]
+        target += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
+
+    out = pid_split * N + offs_n
+    tl.store(LSE_PART + out, row_max + tl.log(row_sumexp), mask=mask_n)
+    tl.store(TARGET_PART + out, target, mask=mask_n)
+
+
+def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, ignore_index: int):
+    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp [N] fp32, lse [N] fp32)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = forward_config(n, v, d, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(v, cfg.v_splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(v, v_per_split)
+    lse_part = torch.empty((splits, n), device=hidden.device, dtype=torch.float32)
+    target_part = torch.empty_like(lse_part)
+    grid = (triton.cdiv(n, cfg.block_n), splits)
+    logprob_forward_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, lse_part, target_part,
+        n, v, d, hidden.stride(0), weight.stride(0), ignore_index, v_per_split,
+        HAS_BIAS=bias is not None, UPCAST=upcast_on_load(hidden), DOT_PRECISION=dot_precision(hidden),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
+    target = target_part.sum(0) if splits > 1 else target_part[0]
+    logp = torch.where(labels != ignore_index, target - lse, 0.0)
+    return logp, lse

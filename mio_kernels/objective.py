@@ -1,0 +1,86 @@
+"""The preference objective over the [S] sequence log-probs of one batch.
+
+Splits rows into chosen/rejected, forms log-ratios against the reference, applies the registered
+loss (losses.py), adds the optional SFT term, and returns metrics and dL/dlogp_t per sequence.
+This is the only place the row layout is interpreted:
+    rows [0, P) chosen, then K blocks of P rejected rows  (S = P * (1 + K)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from mio_kernels.losses import get_loss
+from mio_kernels.sequence import SequenceLogps
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The non-tensor options of the fused op (they travel into the autograd Function as one object)."""
+
+    loss_type: str = "mio"
+    beta: float = 0.1
+    num_negatives: int = 1
+    label_smoothing: float = 0.0
+    average_log_prob: bool = False
+    reference_free: bool = False
+    sft_weight: float = 0.0
+    ignore_index: int = -100
+
+    @property
+    def length_normalized(self) -> bool:
+        return self.average_log_prob or get_loss(self.loss_type).length_normalized
+
+
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "nll")
+
+
+class Objective(NamedTuple):
+    loss: Tensor            # scalar; differentiable w.r.t. the policy log-probs it was given
+    seq_token_grad: Tensor  # [S] dL/dlogp_t for every scored token t of each sequence (detached)
+    metrics: Tensor         # [len(METRIC_NAMES)] detached
+
+
+def preference_objective(policy: SequenceLogps, ref_logps: Optional[Tensor], cfg: PreferenceConfig) -> Objective:
+    """L = mean over prompts of the registered loss (+ sft_weight * mean NLL over chosen tokens).
+
+    `policy.logps` may carry autograd history (reference backend); the closed-form gradient is
+    returned as well, for the fused backward.
+    """
+    spec = get_loss(cfg.loss_type)
+    k = cfg.num_negatives
+    logps = policy.logps
+    u = logps if cfg.reference_free else logps - ref_logps.to(logps.dtype)
+    u = u.view(1 + k, -1)                              # [1+K, P]
+    num_prompts = u.shape[1]
+    per_prompt = spec.fn(u[0], u[1:], cfg.beta, cfg.label_smoothing)
+    loss = per_prompt.loss.mean()
+    grad_u = torch.cat([per_prompt.grad_chosen[None], per_prompt.grad_rejected]).reshape(-1) / num_prompts
+
+    chosen_sums = policy.token_sums.view(1 + k, -1)[0]
+    chosen_tokens = policy.counts.view(1 + k, -1)[0].sum().clamp(min=1.0)
+    nll = -chosen_sums.sum() / chosen_tokens
+    seq_token_grad = grad_u.detach() * policy.scale
+    if cfg.sft_weight > 0:
+        loss = loss + cfg.sft_weight * nll
+        is_chosen = torch.arange(logps.shape[0], device=logps.device) < num_prompts
+        seq_token_grad = seq_token_grad - is_chosen * (cfg.sft_weight / chosen_tokens.detach())
+
+    with torch.no_grad():
+        rewards = cfg.beta * u
+        rejected = rewards[1:]
+        lp = logps.detach().view(1 + k, -1)
+        metrics = torch.stack([
+            rewards[0].mean(), rejected.mean(), (rewards[0] - rejected.mean(0)).mean(),
+            (rewards[0] > rejected.max(0).values).to(rewards.dtype).mean(),
+            lp[0].mean(), lp[1:].mean(), nll,
+        ])
+    return Objective(loss, seq_token_grad, metrics.detach())
+
+
+def metrics_dict(metrics: Tensor) -> Dict[str, Tensor]:
+    return dict(zip(METRIC_NAMES, metrics.unbind()))

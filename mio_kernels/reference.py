@@ -1,0 +1,55 @@
+"""Plain-PyTorch reference: full logits, log_softmax, gather, autograd for every gradient.
+
+Written for clarity, not memory: it holds the N x V logits (and autograd holds them again). It is
+the oracle of the tests and the naive baseline of the benchmarks, and what backend="reference"
+runs. It shares only the loss formulas (losses.py via objective.py) and the sequence reduction
+with the fused op; gradients come from autograd, not from the closed forms.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
+from mio_kernels.sequence import reduce_sequences
+
+
+def reference_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                             ignore_index: int = -100) -> Tensor:
+    """hidden [..., H], weight [V, H], labels [...] -> per-token log-probs [...] (fp32, or fp64 for fp64 inputs)."""
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(compute) @ weight.to(compute).T
+    if bias is not None:
+        logits = logits + bias.to(compute)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    scored = labels != ignore_index
+    token_logps = log_probs.gather(-1, torch.where(scored, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(scored, token_logps, 0.0)
+
+
+def reference_sequence_logps(hidden, weight, labels, bias, cfg: PreferenceConfig):
+    token_logps = reference_token_logprobs(hidden, weight, labels, bias, cfg.ignore_index)
+    return reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
+
+
+def reference_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                              ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
+                              ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                              **options):
+    """Same arguments and result as `fused_mio_loss`, computed naively. Does not validate inputs."""
+    from mio_kernels.function import MIOLossOutput  # the result type lives with the public op
+
+    cfg = PreferenceConfig(**options)
+    policy = reference_sequence_logps(hidden, weight, labels, bias, cfg)
+    if ref_logps is None and ref_hidden is not None:
+        with torch.no_grad():
+            ref_logps = reference_sequence_logps(ref_hidden, ref_weight, labels, ref_bias, cfg).logps
+    objective = preference_objective(policy, ref_logps, cfg)
+    return MIOLossOutput(
+        loss=objective.loss,
+        policy_logps=policy.logps.detach(),
+        ref_logps=None if ref_logps is None else ref_logps.detach(),
+        metrics=metrics_dict(objective.metrics),
+    )

@@ -1,0 +1,127 @@
+"""Input checks shared by every backend: bad input gets a ValueError/TypeError naming the argument
+and what was expected, before any kernel runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mio_kernels.losses import get_loss
+from mio_kernels.objective import PreferenceConfig
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _require_tensor(name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
+                        hidden_name: str = "hidden", weight_name: str = "weight", bias_name: str = "bias",
+                        check_label_values: bool = True) -> None:
+    """hidden [..., H] float, weight [V, H] same dtype/device, labels hidden.shape[:-1] integer in [0, V)."""
+    _require_tensor(hidden_name, hidden)
+    _require_tensor(weight_name, weight)
+    _require_tensor("labels", labels)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{hidden_name} must be a floating tensor ({FLOAT_DTYPES}), got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} dtype {weight.dtype} must match {hidden_name} dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+    if hidden.dim() < 2:
+        raise ValueError(f"{hidden_name} must be [..., H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{weight_name} is [V, H] = {tuple(weight.shape)} but {hidden_name}'s last dim "
+                         f"H = {hidden.shape[-1]}: the hidden sizes must match")
+    if bias is not None:
+        _require_tensor(bias_name, bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"{bias_name} must have {hidden_name}'s dtype and device "
+                            f"({hidden.dtype}, {hidden.device}), got ({bias.dtype}, {bias.device})")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal {hidden_name}'s leading dims "
+                         f"{tuple(hidden.shape[:-1])}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but {hidden_name} is on {hidden.device}")
+    if hidden.numel() == 0 or labels.numel() == 0:
+        raise ValueError(f"empty batch: {hidden_name} has shape {tuple(hidden.shape)}")
+    if check_label_values:
+        vocab = weight.shape[0]
+        scored = labels != ignore_index
+        bad = scored & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):  # one host sync, before any kernel could index out of bounds
+            value = int(labels[bad].flatten()[0])
+            raise ValueError(f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {value}")
+
+
+def check_config(cfg: PreferenceConfig) -> None:
+    spec = get_loss(cfg.loss_type)  # raises on an unknown loss_type
+    if not isinstance(cfg.num_negatives, int) or isinstance(cfg.num_negatives, bool) or cfg.num_negatives < 1:
+        raise ValueError(f"num_negatives must be an integer >= 1, got {cfg.num_negatives!r}")
+    if not (isinstance(cfg.beta, (int, float)) and math.isfinite(cfg.beta) and cfg.beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {cfg.beta!r}")
+    if not (0.0 <= cfg.label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing!r}")
+    if cfg.label_smoothing > 0 and not spec.uses_label_smoothing:
+        raise ValueError(f"label_smoothing={cfg.label_smoothing} is only defined for loss_type='robust', "
+                         f"not {cfg.loss_type!r}")
+    if not (math.isfinite(cfg.sft_weight) and cfg.sft_weight >= 0):
+        raise ValueError(f"sft_weight must be a finite number >= 0, got {cfg.sft_weight!r}")
+
+
+def check_batch_layout(num_rows: int, cfg: PreferenceConfig) -> None:
+    if num_rows % (1 + cfg.num_negatives) != 0:
+        raise ValueError(f"hidden has S={num_rows} rows, not divisible by 1 + num_negatives = "
+                         f"{1 + cfg.num_negatives}: rows must be [chosen (P); rejected_1 (P); ...; rejected_K (P)]")
+
+
+def check_reference(cfg: PreferenceConfig, hidden: Tensor, ref_logps: Optional[Tensor],
+                    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor]) -> None:
+    has_logps = ref_logps is not None
+    has_states = ref_hidden is not None or ref_weight is not None
+    if cfg.reference_free:
+        if has_logps or has_states:
+            raise ValueError("reference_free=True uses no reference: pass neither ref_logps nor ref_hidden/ref_weight")
+        return
+    if has_logps == has_states:
+        raise ValueError("a reference is needed (reference_free=False): pass exactly one of ref_logps [S] or "
+                         "ref_hidden [S, T, H_ref] with ref_weight [V, H_ref]"
+                         + (" (got both)" if has_logps else " (got neither)"))
+    if has_logps:
+        _require_tensor("ref_logps", ref_logps)
+        if ref_logps.shape != (hidden.shape[0],):
+            raise ValueError(f"ref_logps must be [S] = [{hidden.shape[0]}], got {tuple(ref_logps.shape)}")
+        if not ref_logps.dtype.is_floating_point:
+            raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
+        if ref_logps.device != hidden.device:
+            raise ValueError(f"ref_logps is on {ref_logps.device} but hidden is on {hidden.device}")
+    else:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("the reference model's states need both ref_hidden and ref_weight")
+        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(f"ref_hidden must be [S, T, H_ref] with S, T = {tuple(hidden.shape[:-1])}, "
+                             f"got {tuple(ref_hidden.shape)}")
+
+
+def check_finite_result(seq_logps: Tensor, **inputs: Optional[Tensor]) -> None:
+    """Non-finite log-probs are traced back to the input that caused them (one host sync)."""
+    if bool(torch.isfinite(seq_logps).all()):
+        return
+    for name, t in inputs.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    raise ValueError("sequence log-probs are non-finite although the inputs are finite "
+                     "(logits overflowed the input dtype?)")
