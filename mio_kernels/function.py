@@ -133,7 +133,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [S, T, H], got shape {tuple(hidden.shape)}")
     check_batch_layout(hidden.shape[0], cfg)
-    check_reference(cfg, hidden, ref_logps, ref_hidden, ref_weight)
+    check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight)
     if ref_hidden is not None:
         check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
                             hidden_name="ref_hidden", weight_name="ref_weight", bias_name="ref_bias",

@@ -88,7 +88,7 @@ def check_batch_layout(num_rows: int, cfg: PreferenceConfig) -> None:
                          f"{1 + cfg.num_negatives}: rows must be [chosen (P); rejected_1 (P); ...; rejected_K (P)]")
 
 
-def check_reference(cfg: PreferenceConfig, hidden: Tensor, ref_logps: Optional[Tensor],
+def check_reference(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, ref_logps: Optional[Tensor],
                     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor]) -> None:
     has_logps = ref_logps is not None
     has_states = ref_hidden is not None or ref_weight is not None
@@ -114,6 +114,9 @@ def check_reference(cfg: PreferenceConfig, hidden: Tensor, ref_logps: Optional[T
         if ref_hidden.shape[:-1] != hidden.shape[:-1]:
             raise ValueError(f"ref_hidden must be [S, T, H_ref] with S, T = {tuple(hidden.shape[:-1])}, "
                              f"got {tuple(ref_hidden.shape)}")
+        if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must be [V, H_ref] with V = {weight.shape[0]} (the policy's vocabulary), "
+                             f"got {tuple(ref_weight.shape)}")
 
 
 def check_finite_result(seq_logps: Tensor, **inputs: Optional[Tensor]) -> None:

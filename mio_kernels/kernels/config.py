@@ -34,26 +34,44 @@ def _block_d(d: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(d)))
 
 
-def forward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig:
-    if interpreting():
-        return LaunchConfig(block_n=64, block_v=512, block_d=_block_d(d, 128), num_warps=4, num_stages=1)
-    token_blocks = triton.cdiv(n, 128)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    # Split the vocabulary only when there are too few token blocks to fill the GPU twice over.
-    v_splits = max(1, min(triton.cdiv(2 * sms, token_blocks), triton.cdiv(v, 4096)))
+def gpu_forward_config(d: int, v_splits: int = 1) -> LaunchConfig:
     return LaunchConfig(block_n=128, block_v=128, block_d=_block_d(d, 64), num_warps=8, num_stages=3,
                         v_splits=v_splits)
 
 
-def backward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig:
-    if interpreting():
-        return LaunchConfig(block_n=64, block_v=512, block_d=_block_d(d, 128), num_warps=4, num_stages=1)
+def gpu_backward_config(d: int) -> LaunchConfig:
     return LaunchConfig(block_n=128, block_v=128, block_d=_block_d(d, 64), num_warps=8, num_stages=2)
+
+
+def _interpreter_config(d: int) -> LaunchConfig:
+    return LaunchConfig(block_n=64, block_v=512, block_d=_block_d(d, 128), num_warps=4, num_stages=1)
+
+
+def forward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig:
+    if interpreting():
+        return _interpreter_config(d)
+    token_blocks = triton.cdiv(n, gpu_forward_config(d).block_n)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Split the vocabulary only when there are too few token blocks to fill the GPU twice over.
+    v_splits = max(1, min(triton.cdiv(2 * sms, token_blocks), triton.cdiv(v, 4096)))
+    return gpu_forward_config(d, v_splits)
+
+
+def backward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig:
+    return _interpreter_config(d) if interpreting() else gpu_backward_config(d)
 
 
 def dot_precision(t: torch.Tensor) -> str:
     # tf32 would cost fp32 inputs ~1e-3 relative error; ieee keeps them exact to fp32 rounding.
     return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def new_output(shape, device, dtype=torch.float32) -> torch.Tensor:
+    """Uninitialised kernel output; NaN-filled when MIO_KERNELS_POISON=1 (tests) so unwritten elements show."""
+    out = torch.empty(shape, device=device, dtype=dtype)
+    if os.environ.get("MIO_KERNELS_POISON", "0") == "1":
+        out.fill_(float("nan"))
+    return out
 
 
 def upcast_on_load(t: torch.Tensor) -> bool:

@@ -58,7 +58,7 @@ def logprob_backward_kernel(
             logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
 
         labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
-        lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+        lse = tl.load(LSE + offs_n, mask=mask_n, other=float("inf"))  # rows past N: probs = 0
         probs = tl.exp(logits - lse[:, None])
         onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
         dz = g[:, None] * (onehot - probs)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mio_kernels.kernels.config import forward_config, dot_precision, upcast_on_load
+from mio_kernels.kernels.config import dot_precision, forward_config, new_output, upcast_on_load
 
 
 @triton.jit
@@ -71,8 +71,8 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: to
     cfg = forward_config(n, v, d, hidden.device)
     v_per_split = triton.cdiv(triton.cdiv(v, cfg.v_splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)
-    lse_part = torch.empty((splits, n), device=hidden.device, dtype=torch.float32)
-    target_part = torch.empty_like(lse_part)
+    lse_part = new_output((splits, n), hidden.device)
+    target_part = new_output((splits, n), hidden.device)
     grid = (triton.cdiv(n, cfg.block_n), splits)
     logprob_forward_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels, lse_part, target_part,

@@ -1,0 +1,106 @@
+"""Bad input gets a ValueError/TypeError naming the argument and what was expected."""
+import pytest
+import torch
+
+from mio_kernels import FusedMIOLoss, fused_mio_loss, linear_logprobs
+
+from conftest import DEVICE
+
+
+def batch(s=4, t=5, h=8, v=50, dtype=torch.float32):
+    return dict(hidden=torch.randn(s, t, h, device=DEVICE, dtype=dtype),
+                weight=torch.randn(v, h, device=DEVICE, dtype=dtype),
+                labels=torch.randint(0, v, (s, t), device=DEVICE),
+                ref_logps=torch.randn(s, device=DEVICE))
+
+
+def call(backend="reference", **changes):
+    args = batch()
+    args.update(changes)
+    args = {k: v for k, v in args.items() if v is not None}
+    return fused_mio_loss(**args, backend=backend)
+
+
+@pytest.mark.parametrize("changes, error, pattern", [
+    (dict(weight=torch.randn(50, 9)), ValueError, "hidden sizes must match"),
+    (dict(labels=torch.zeros(4, 6, dtype=torch.long)), ValueError, "labels shape"),
+    (dict(labels=torch.full((4, 5), 50)), ValueError, r"labels must be in \[0, V=50\)"),
+    (dict(labels=torch.full((4, 5), -3)), ValueError, "found -3"),
+    (dict(labels=torch.zeros(4, 5)), TypeError, "labels must be an integer tensor"),
+    (dict(weight=torch.randn(50, 8, dtype=torch.float64)), TypeError, "weight dtype"),
+    (dict(hidden=torch.randn(4, 5, 8).int()), TypeError, "hidden must be a floating tensor"),
+    (dict(hidden=[1.0]), TypeError, "hidden must be a torch.Tensor"),
+    (dict(bias=torch.randn(49)), ValueError, r"bias must be \[V\]"),
+    (dict(ref_logps=torch.randn(3)), ValueError, r"ref_logps must be \[S\] = \[4\]"),
+    (dict(ref_logps=None), ValueError, "got neither"),
+    (dict(ref_hidden=torch.randn(4, 5, 8), ref_weight=torch.randn(50, 8)), ValueError, "got both"),
+    (dict(beta=0.0), ValueError, "beta must be a finite number > 0"),
+    (dict(beta=-1.0), ValueError, "beta must be"),
+    (dict(label_smoothing=0.5, loss_type="robust"), ValueError, r"label_smoothing must be in \[0, 0.5\)"),
+    (dict(label_smoothing=0.1, loss_type="dpo"), ValueError, "only defined for loss_type='robust'"),
+    (dict(loss_type="kto"), ValueError, "loss_type must be one of"),
+    (dict(num_negatives=2), ValueError, "not divisible by 1 \\+ num_negatives = 3"),
+    (dict(num_negatives=0), ValueError, "num_negatives must be an integer >= 1"),
+    (dict(sft_weight=-1.0), ValueError, "sft_weight must be"),
+    (dict(hidden=torch.randn(0, 5, 8), labels=torch.zeros(0, 5, dtype=torch.long),
+          ref_logps=torch.zeros(0)), ValueError, "empty batch"),
+    (dict(hidden=torch.randn(20, 8), labels=torch.zeros(20, dtype=torch.long)), ValueError, r"hidden must be \[S, T, H\]"),
+    (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
+], ids=lambda x: None if not isinstance(x, str) else x[:30])
+def test_bad_input_names_the_argument(changes, error, pattern):
+    moved = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in changes.items()}
+    backend = moved.pop("backend", "reference")
+    args = batch()
+    args.update(moved)
+    args = {k: v for k, v in args.items() if v is not None}
+    with pytest.raises(error, match=pattern):
+        fused_mio_loss(**args, backend=backend)
+
+
+def test_reference_free_rejects_a_reference():
+    with pytest.raises(ValueError, match="reference_free=True uses no reference"):
+        call(reference_free=True)
+    args = batch()
+    del args["ref_logps"]
+    fused_mio_loss(**args, reference_free=True, backend="reference")  # neither: fine
+
+
+def test_ref_states_need_both_parts():
+    args = batch()
+    del args["ref_logps"]
+    with pytest.raises(ValueError, match="both ref_hidden and ref_weight"):
+        fused_mio_loss(**args, ref_hidden=torch.randn(4, 5, 8, device=DEVICE), backend="reference")
+    with pytest.raises(ValueError, match="ref_hidden must be"):
+        fused_mio_loss(**args, ref_hidden=torch.randn(4, 6, 8, device=DEVICE),
+                       ref_weight=torch.randn(50, 8, device=DEVICE), backend="reference")
+    with pytest.raises(ValueError, match="ref_weight"):
+        fused_mio_loss(**args, ref_hidden=torch.randn(4, 5, 8, device=DEVICE),
+                       ref_weight=torch.randn(51, 8, device=DEVICE), backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+def test_non_finite_input_is_a_clear_error(backend, where):
+    args = batch()
+    args[where][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{where} contains non-finite values"):
+        fused_mio_loss(**args, backend=backend)
+
+
+def test_module_validates_its_config_up_front():
+    with pytest.raises(ValueError, match="beta"):
+        FusedMIOLoss(beta=0)
+
+
+def test_linear_logprobs_validates():
+    with pytest.raises(ValueError, match="labels shape"):
+        linear_logprobs(torch.randn(3, 4, 8), torch.randn(10, 8), torch.zeros(3, 5, dtype=torch.long))
+
+
+def test_native_backend_missing_is_a_clear_error():
+    from mio_kernels.backends import unavailable_reason
+    reason = unavailable_reason("native", DEVICE)
+    if reason is None:
+        pytest.skip("the native extension is built here")
+    with pytest.raises(RuntimeError, match="backend='native' is not available"):
+        call(backend="native")
