@@ -1,0 +1,51 @@
+"""Smoke test of the benchmark harness (benchmarks/bench_loss.py) on a tiny configuration."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+bench_loss = pytest.importorskip("bench_loss")
+
+
+def _rows(out_dir, tag):
+    with open(os.path.join(out_dir, f"{tag}.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["fresh-process", "in-process"])
+def test_tiny_reference_run(tmp_path, in_process):
+    # One fresh worker process (a few seconds), or two shapes and both losses in this process.
+    shapes, losses = ("2x16x8x64,2x32x8x64", "mio,dpo") if in_process else ("2x16x8x64", "mio")
+    argv = ["--device", "cpu", "--shapes", shapes, "--impls", "naive", "--ours", "reference", "--losses", losses,
+            "--repeats", "1", "--warmup", "1", "--min-time", "0", "--out", str(tmp_path), "--tag", "smoke"]
+    bench_loss.main(argv + (["--in-process"] if in_process else []))
+    result = _rows(tmp_path, "smoke")
+    rows = result["rows"]
+    assert len(rows) == (4 if in_process else 1)
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["median_s"]) and row["median_s"] > 0
+        assert row["check"]["status"] in ("target", "ok")
+        assert row["peak_extra_bytes"] is None or row["peak_extra_bytes"] >= 0
+    assert result["environment"]["torch"] and result["settings"]["ours_primary"] == "naive"
+    for shape in result["shapes"]:
+        assert shape["floors"]["compute_floor_s"] > 0 and shape["floors"]["memory_floor_s"] > 0
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| mio |" in md and ("| dpo |" in md) == in_process
+    assert (tmp_path / "smoke.png").exists() == in_process    # a plot needs two lengths
+
+
+def test_disagreeing_case_is_flagged():
+    import torch
+    shape = bench_loss.Shape(1, 8, 4, 16)
+    inputs = bench_loss.make_inputs(shape, torch.device("cpu"), torch.float32, seed=0, beta=0.1)
+    loss = inputs.hidden.square().sum() + inputs.weight.square().sum()
+    loss.backward()
+    target = bench_loss.snapshot(loss, None, inputs)
+    assert bench_loss.compare(loss, None, inputs, target, torch.float32)["status"] == "ok"
+    target["d_weight"] = target["d_weight"] + 1.0
+    assert bench_loss.compare(loss, None, inputs, target, torch.float32)["status"] == "FLAGGED"
