@@ -1,9 +1,9 @@
 """The fused op: one autograd.Function from LM-head inputs to the preference loss.
 
-forward:  kernel forward (per-token logp [N] and lse [N], logits never whole)
+forward:  kernel forward (per-token logp [N] and softmax statistics, logits never whole)
           -> sequence reduction l [S] -> objective: loss, closed-form dL/dlogp per sequence [S]
 backward: dlogp per token = grad_loss * that factor -> kernel backward (recomputes logit tiles)
-Saved for backward: the inputs, lse [N] and the [S] factor. Nothing of size N x V.
+Saved for backward: the inputs, the O(N) softmax statistics and the [S] factor. Nothing of size N x V.
 """
 from __future__ import annotations
 
@@ -35,18 +35,18 @@ def _flat(hidden: Tensor, labels: Tensor):
 
 
 def _kernel_token_logprobs(backend: str, hidden, weight, bias, labels, ignore_index):
-    """Forward kernel only: per-token log-probs shaped like labels, and the flat lse [N]."""
+    """Forward kernel only: per-token log-probs shaped like labels, and the backend's O(N) softmax statistics."""
     h, y = _flat(hidden, labels)
-    logp, lse = get_backend(backend).forward(h, weight.contiguous(), None if bias is None else bias.contiguous(),
+    logp, softmax_stats = get_backend(backend).forward(h, weight.contiguous(), None if bias is None else bias.contiguous(),
                                              y, ignore_index)
-    return logp.view(labels.shape), lse
+    return logp.view(labels.shape), softmax_stats
 
 
 def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: int):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors[:5]
+    hidden, weight, bias, labels, softmax_stats = ctx.saved_tensors[:5]
     h, y = _flat(hidden, labels)
     d_hidden, d_weight, d_bias = get_backend(backend).backward(
-        h, weight.contiguous(), None if bias is None else bias.contiguous(), y, lse,
+        h, weight.contiguous(), None if bias is None else bias.contiguous(), y, softmax_stats,
         grad_token_logp.reshape(-1).float(), ignore_index,
         ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     if d_hidden is not None:
@@ -60,12 +60,12 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_logps, cfg: PreferenceConfig, backend: str,
                 check_finite: bool):
-        token_logps, lse = _kernel_token_logprobs(backend, hidden, weight, bias, labels, cfg.ignore_index)
+        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, bias, labels, cfg.ignore_index)
         policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
         if check_finite:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
         objective = preference_objective(policy, ref_logps, cfg)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, objective.seq_token_grad)
+        ctx.save_for_backward(hidden, weight, bias, labels, softmax_stats, objective.seq_token_grad)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.mark_non_differentiable(policy.logps, objective.metrics)
         return objective.loss, policy.logps, objective.metrics
@@ -84,8 +84,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, backend: str):
-        token_logps, lse = _kernel_token_logprobs(backend, hidden, weight, bias, labels, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, bias, labels, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, labels, softmax_stats)
         ctx.ignore_index, ctx.backend = ignore_index, backend
         return token_logps
 

@@ -3,9 +3,9 @@
 A kernel backend computes, for flattened tokens (N = S*T),
 
     forward(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, ignore_index)
-        -> logp [N] fp32 (0 where labels == ignore_index), lse [N] fp32
+        -> logp [N] fp32 (0 where labels == ignore_index), softmax_stats (O(N) fp32, opaque to callers)
 
-    backward(hidden, weight, bias, labels, lse, grad_logp [N] fp32, ignore_index,
+    backward(hidden, weight, bias, labels, softmax_stats, grad_logp [N] fp32, ignore_index,
              needs_hidden_grad, needs_weight_grad)
         -> d_hidden [N, H] (hidden's dtype) | None, d_weight [V, H] (weight's dtype) | None,
            d_bias [V] (bias's dtype) | None
@@ -13,7 +13,9 @@ A kernel backend computes, for flattened tokens (N = S*T),
 with the gradient of sum_t grad_logp[t] * logp[t]:
     dZ = grad_logp[:, None] * (onehot(labels) - softmax(Z)),  Z = hidden @ weight.T + bias,
     d_hidden = dZ @ weight,  d_weight = dZ.T @ hidden,  d_bias = dZ.sum(0),
-without ever holding Z whole. grad_logp is 0 at ignored tokens.
+without ever holding Z whole. grad_logp is 0 at ignored tokens. softmax_stats is whatever the
+backend's forward saved to rebuild softmax(Z) tiles: keep the row max and log-sum-exp(Z - max)
+apart (two fp32 numbers per token), since one fp32 lse = max + log(...) loses ~5e-4 at logits ~1e4.
 
 "reference" is not a kernel backend: it is plain PyTorch autograd over full logits
 (`mio_kernels.reference`), the oracle for tests and the naive baseline for benchmarks.

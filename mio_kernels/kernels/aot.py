@@ -43,11 +43,11 @@ def builds():
         precision = "ieee" if dtype == "fp32" else "tf32"
         io = {"H": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Y": "*i64"}
         yield ("forward", dtype, logprob_forward_kernel,
-               {**io, "LSE_PART": "*fp32", "TARGET_PART": "*fp32"},
+               {**io, "MAX_PART": "*fp32", "SUMEXP_PART": "*fp32", "TARGET_PART": "*fp32"},
                dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION=precision,
                     BLOCK_N=FORWARD.block_n, BLOCK_V=FORWARD.block_v, BLOCK_D=FORWARD.block_d), FORWARD)
         yield ("backward", dtype, logprob_backward_kernel,
-               {**io, "LSE": "*fp32", "G": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32"},
+               {**io, "ROW_MAX": "*fp32", "LOG_SUMEXP": "*fp32", "G": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32"},
                dict(HAS_BIAS=True, COMPUTE_DH=True, COMPUTE_DW=True, UPCAST=False, DOT_PRECISION=precision,
                     BLOCK_N=BACKWARD.block_n, BLOCK_V=BACKWARD.block_v, BLOCK_D=BACKWARD.block_d,
                     GROUP_N=BACKWARD.group_n), BACKWARD)

@@ -2,7 +2,8 @@
 
 One program per (token block, vocab block) tile:
     z  = h @ w.T (+ b)                      recomputed from the saved inputs, fp32 accumulate
-    dZ = g * (onehot(y) - exp(z - lse))     g = dL/dlogp per token (0 where ignored), lse saved
+    dZ = g * (onehot(y) - exp((z - m) - log_sumexp))   g = dL/dlogp per token (0 where ignored);
+                                            m and log_sumexp saved by the forward
     dH[tokens] += dZ @ w,  dW[vocab] += dZ.T @ h,  db[vocab] += sum_tokens dZ
 The adds are fp32 atomics into dH [N, D] and dW [V, D] (cast to the parameter dtype by the
 launcher), so no N x V tensor ever exists and nothing beyond dH + dW + O(N) is allocated.
@@ -19,7 +20,7 @@ from mio_kernels.kernels.config import backward_config, dot_precision, upcast_on
 
 @triton.jit
 def logprob_backward_kernel(
-    H, W, B, Y, LSE, G, DH, DW, DB,
+    H, W, B, Y, ROW_MAX, LOG_SUMEXP, G, DH, DW, DB,
     N, V, D, stride_hn, stride_wv, stride_dhn, stride_dwv,
     HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -58,8 +59,9 @@ def logprob_backward_kernel(
             logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
 
         labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
-        lse = tl.load(LSE + offs_n, mask=mask_n, other=float("inf"))  # rows past N: probs = 0
-        probs = tl.exp(logits - lse[:, None])
+        row_max = tl.load(ROW_MAX + offs_n, mask=mask_n, other=float("inf"))  # rows past N: probs = 0
+        log_sumexp = tl.load(LOG_SUMEXP + offs_n, mask=mask_n, other=0.0)
+        probs = tl.exp((logits - row_max[:, None]) - log_sumexp[:, None])
         onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
         dz = g[:, None] * (onehot - probs)
         dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
@@ -92,9 +94,10 @@ def logprob_backward_kernel(
                               mask=mask_v[:, None] & mask_d[None, :])
 
 
-def logprob_backward(hidden, weight, bias, labels, lse, grad_logp, ignore_index,
+def logprob_backward(hidden, weight, bias, labels, softmax_stats, grad_logp, ignore_index,
                      needs_hidden_grad: bool, needs_weight_grad: bool):
-    """Gradients of sum_t grad_logp[t] * logp[t]; see the module docstring.
+    """Gradients of sum_t grad_logp[t] * logp[t]; see the module docstring. softmax_stats [2, N]
+    is what logprob_forward returned (row max, log sum exp).
 
     Allocates fp32 dH [N, D] and dW [V, D] (+ db [V]) accumulators and nothing of size N x V.
     """
@@ -112,7 +115,7 @@ def logprob_backward(hidden, weight, bias, labels, lse, grad_logp, ignore_index,
     any_out = d_hidden if d_hidden is not None else d_weight
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     logprob_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, lse, grad_logp,
+        hidden, weight, bias if bias is not None else hidden, labels, softmax_stats[0], softmax_stats[1], grad_logp,
         d_hidden if d_hidden is not None else any_out,
         d_weight if d_weight is not None else any_out,
         d_bias if d_bias is not None else any_out,

@@ -4,6 +4,10 @@ Grid (token blocks, vocab splits). Each program walks its slice of the vocabular
 tiles; a tile of logits z = h @ w.T (+ b) lives only in registers. Per split it writes the
 partial logsumexp and the target logit (0 unless the label falls in that split); the launcher
 merges the splits (O(N * splits)). Splitting V keeps the GPU busy when N is small.
+
+The saved softmax statistics are the row max m and log(sum exp(z - m)) as two fp32 numbers, not
+lse = m + log(...) as one: at logits ~1e4 a single fp32 lse is off by up to half an ulp (5e-4),
+and every exp(z - lse) of the backward would inherit that relative error.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from mio_kernels.kernels.config import dot_precision, forward_config, new_output
 
 @triton.jit
 def logprob_forward_kernel(
-    H, W, B, Y, LSE_PART, TARGET_PART,
+    H, W, B, Y, MAX_PART, SUMEXP_PART, TARGET_PART,
     N, V, D, stride_hn, stride_wv, ignore_index, v_per_split,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -60,28 +64,32 @@ def logprob_forward_kernel(
         target += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
 
     out = pid_split * N + offs_n
-    tl.store(LSE_PART + out, row_max + tl.log(row_sumexp), mask=mask_n)
+    tl.store(MAX_PART + out, row_max, mask=mask_n)
+    tl.store(SUMEXP_PART + out, row_sumexp, mask=mask_n)
     tl.store(TARGET_PART + out, target, mask=mask_n)
 
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, ignore_index: int):
-    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp [N] fp32, lse [N] fp32)."""
+    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64
+    -> (logp [N] fp32, softmax stats [2, N] fp32: row max, log sum exp(z - max))."""
     n, d = hidden.shape
     v = weight.shape[0]
     cfg = forward_config(n, v, d, hidden.device)
     v_per_split = triton.cdiv(triton.cdiv(v, cfg.v_splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)
-    lse_part = new_output((splits, n), hidden.device)
+    max_part = new_output((splits, n), hidden.device)
+    sumexp_part = new_output((splits, n), hidden.device)
     target_part = new_output((splits, n), hidden.device)
     grid = (triton.cdiv(n, cfg.block_n), splits)
     logprob_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, lse_part, target_part,
+        hidden, weight, bias if bias is not None else hidden, labels, max_part, sumexp_part, target_part,
         n, v, d, hidden.stride(0), weight.stride(0), ignore_index, v_per_split,
         HAS_BIAS=bias is not None, UPCAST=upcast_on_load(hidden), DOT_PRECISION=dot_precision(hidden),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
-    target = target_part.sum(0) if splits > 1 else target_part[0]
-    logp = torch.where(labels != ignore_index, target - lse, 0.0)
-    return logp, lse
+    row_max = max_part.max(0).values
+    log_sumexp = torch.log((sumexp_part * torch.exp(max_part - row_max)).sum(0))
+    target = target_part.sum(0)  # only the split holding the label contributes
+    logp = torch.where(labels != ignore_index, (target - row_max) - log_sumexp, 0.0)
+    return logp, torch.stack([row_max, log_sumexp])
