@@ -55,14 +55,14 @@ def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: i
 
 
 class FusedPreferenceLossFunction(torch.autograd.Function):
-    """(hidden, weight, bias, labels, ref_logps, cfg, backend, check_finite) -> (loss, policy_logps, metrics)."""
+    """(hidden, weight, bias, labels, ref_logps, cfg, backend, check_values) -> (loss, policy_logps, metrics)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_logps, cfg: PreferenceConfig, backend: str,
-                check_finite: bool):
+                check_values: bool):
         token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, bias, labels, cfg.ignore_index)
         policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
-        if check_finite:
+        if check_values:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
         objective = preference_objective(policy, ref_logps, cfg)
         ctx.save_for_backward(hidden, weight, bias, labels, softmax_stats, objective.seq_token_grad)
@@ -114,7 +114,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                    loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
                    label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                    sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                   check_finite: bool = True) -> MIOLossOutput:
+                   check_values: bool = True) -> MIOLossOutput:
     """Preference loss straight from LM-head inputs, without materialising the logits.
 
     hidden [S, T, H] policy final hidden states (fp32/bf16/fp16), weight [V, H], labels [S, T] int
@@ -123,13 +123,14 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     Reference: ref_logps [S] (same reduction as policy_logps: a mean when length-normalised), or the
     reference model's ref_hidden [S, T, H_ref] + ref_weight [V, H_ref] (+ ref_bias), scored
     forward-only; neither with reference_free=True.
-    Loss formulas: losses.md. check_finite: one host sync to turn NaN/inf inputs into a ValueError.
+    Loss formulas: losses.md. check_values: label range and NaN/inf checks, which cost two host
+    syncs; turn off for a sync-free step once the data pipeline is trusted.
     """
     cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
                            reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index)
     check_config(cfg)
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_label_values=check_values)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [S, T, H], got shape {tuple(hidden.shape)}")
     check_batch_layout(hidden.shape[0], cfg)
@@ -145,7 +146,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
         out = reference_preference_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps,
                                         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                                         **dataclasses.asdict(cfg))
-        if check_finite:
+        if check_values:
             check_finite_result(out.policy_logps, hidden=hidden, weight=weight, bias=bias)
         return out
 
@@ -155,10 +156,10 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                                                    None if ref_bias is None else ref_bias.detach(),
                                                    labels, ignore_index)
             ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized).logps
-            if check_finite:
+            if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
-        hidden, weight, bias, labels, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_finite)
+        hidden, weight, bias, labels, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_values)
     return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics))
 
 
@@ -168,14 +169,14 @@ class FusedMIOLoss(nn.Module):
     def __init__(self, loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
                  label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                  sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                 check_finite: bool = True):
+                 check_values: bool = True):
         super().__init__()
         self.options = dict(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                             label_smoothing=label_smoothing, average_log_prob=average_log_prob,
                             reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index,
-                            backend=backend, check_finite=check_finite)
+                            backend=backend, check_values=check_values)
         check_config(PreferenceConfig(**{k: v for k, v in self.options.items()
-                                         if k not in ("backend", "check_finite")}))
+                                         if k not in ("backend", "check_values")}))
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                 ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
