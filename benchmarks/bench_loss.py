@@ -84,7 +84,7 @@ def default_sweep(device: str, quick: bool, losses: Tuple[str, ...]) -> List[Cas
     if quick:
         return [Case(Shape(2, 512, 128, 8192), losses)]
     cases = [Case(Shape(2, t, 256, 32000), losses) for t in (512, 1024, 2048, 4096)]
-    return cases + [Case(Shape(2, 1024, 256, v), losses[:1]) for v in (8192, 128256)]
+    return cases + [Case(Shape(2, 512, 256, v), losses[:1]) for v in (8192, 128256)]
 
 
 def parse_shapes(text: str, losses: Tuple[str, ...]) -> List[Case]:
@@ -104,20 +104,20 @@ def parse_shapes(text: str, losses: Tuple[str, ...]) -> List[Case]:
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int, beta: float,
                 ref_logps: Optional[torch.Tensor] = None) -> Inputs:
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(shape.S, shape.T, shape.H, generator=gen)
-    weight = torch.randn(shape.V, shape.H, generator=gen) / math.sqrt(shape.H)   # logits ~ N(0, 1)
-    labels = torch.randint(0, shape.V, (shape.S, shape.T), generator=gen)
+    """Random inputs, drawn on `device` from `seed` (the same tensors in every process on one device)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(shape.S, shape.T, shape.H, generator=gen, device=device)
+    weight = torch.randn(shape.V, shape.H, generator=gen, device=device) / math.sqrt(shape.H)   # logits ~ N(0, 1)
+    labels = torch.randint(0, shape.V, (shape.S, shape.T), generator=gen, device=device)
     # Ragged sequences: up to T/8 padding tokens at the end of each row.
-    lengths = shape.T - torch.randint(0, shape.T // 8 + 1, (shape.S,), generator=gen)
-    labels[torch.arange(shape.T)[None, :] >= lengths[:, None]] = -100
-    noise = torch.randn(shape.S, generator=gen)
-    inputs = Inputs(hidden=hidden.to(device, dtype).requires_grad_(), weight=weight.to(device, dtype).requires_grad_(),
-                    labels=labels.to(device), ref_logps=torch.zeros(shape.S, device=device),
+    lengths = shape.T - torch.randint(0, shape.T // 8 + 1, (shape.S,), generator=gen, device=device)
+    labels[torch.arange(shape.T, device=device)[None, :] >= lengths[:, None]] = -100
+    noise = torch.randn(shape.S, generator=gen, device=device)
+    inputs = Inputs(hidden=hidden.to(dtype).requires_grad_(), weight=weight.to(dtype).requires_grad_(),
+                    labels=labels, ref_logps=torch.zeros(shape.S, device=device),
                     num_prompts=shape.P, num_negatives=shape.K, beta=beta)
-    if ref_logps is None:
-        ref_logps = reference_logps(inputs, noise)
-    inputs.ref_logps = ref_logps.to(device)
+    del hidden, weight
+    inputs.ref_logps = (reference_logps(inputs, noise) if ref_logps is None else ref_logps).to(device)
     return inputs
 
 
@@ -199,13 +199,13 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def run_impl(impl: Impl, case: Case, settings: dict, store: TargetStore, role: str,
-             ref_logps: Optional[torch.Tensor] = None) -> List[dict]:
-    """Rows for `impl` on every loss of `case`. role: "target" (ours: writes the check targets) or "check"."""
+             ref_logps: Optional[torch.Tensor] = None, inputs: Optional[Inputs] = None) -> List[dict]:
+    """Rows for `impl` on every loss of `case`. role: "target" (ours: writes the check targets) or "check".
+    `inputs`: reused when given (one process), else drawn from the seed with these `ref_logps`."""
     device, dtype = torch.device(settings["device"]), DTYPES[settings["dtype"]]
     shape = case.shape
     base = {"shape": shape.as_dict(), "impl": impl.name, "label": impl.label}
     rows = []
-    inputs = None
     for loss_type in case.losses:
         row = dict(base, loss=loss_type)
         rows.append(row)
@@ -387,7 +387,7 @@ def parse_args(argv=None):
                         "bf16/fp16")
     p.add_argument("--ours", default=None, help="the backend of ours every row is checked against and compared "
                    "with: triton, native or reference (default: the first available of triton, native, reference)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: 3 CPU, 5 CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case, at least (default: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up runs, the first also checks (default: 1 CPU, 2 CUDA)")
     p.add_argument("--min-time", type=float, default=1.0,
                    help="small shapes: keep timing until the runs add up to this many seconds (default 1)")
@@ -422,7 +422,7 @@ def main(argv=None) -> dict:
     max_minutes = args.max_minutes if args.max_minutes is not None else (9.0 if on_cuda else None)
     settings = {
         "device": str(device), "dtype": dtype_name, "beta": args.beta, "seed": args.seed,
-        "repeats": args.repeats or (5 if on_cuda else 3), "warmup": max(1, args.warmup or (2 if on_cuda else 1)),
+        "repeats": args.repeats or 3, "warmup": max(1, args.warmup or (2 if on_cuda else 1)),
         "min_time_s": args.min_time, "threads": torch.get_num_threads(), "ours_primary": primary, "quick": args.quick,
         "free_target": any(i.target == "free" for i in impls),
         "memory_method": ("CUDA max_memory_allocated" if on_cuda else
@@ -463,8 +463,14 @@ def main(argv=None) -> dict:
                 entry["floors"] = measure_floors(shape, device, dtype, floors_cache)
             except Exception as err:  # e.g. out of memory: the shape is reported without floors
                 entry["floors_error"] = first_line(err)
+        inputs = None
         if shape not in ref_cache:
-            ref_cache[shape] = make_inputs(shape, device, dtype, args.seed, args.beta).ref_logps.cpu()
+            inputs = make_inputs(shape, device, dtype, args.seed, args.beta)
+            ref_cache[shape] = inputs.ref_logps.cpu()
+        if subprocesses:
+            inputs = None                 # each worker process draws its own
+        elif inputs is None:
+            inputs = make_inputs(shape, device, dtype, args.seed, args.beta, ref_cache[shape])
         with tempfile.TemporaryDirectory(prefix="bench_loss_") as folder:
             store = TargetStore(folder if subprocesses else None)
             if subprocesses:
@@ -475,12 +481,13 @@ def main(argv=None) -> dict:
                 if subprocesses:
                     rows = run_in_subprocess(impl, unit, settings, folder, role)
                 else:
-                    rows = run_impl(impl, unit, settings, store, role, ref_cache[shape])
+                    rows = run_impl(impl, unit, settings, store, role, ref_cache[shape], inputs)
                 for row in rows:
                     print(f"[bench]   {impl.name:>11} {row['loss']:>4}: {row['status']}"
                           + (f" {row['median_s'] * 1e3:.1f} ms" if row["status"] == "ok" else f" ({row.get('reason')})")
                           + f"  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
                 result["rows"] += rows
+        del inputs
         add_ratios(result["rows"], primary)
         report.write_json(paths["json"], result)
         with open(paths["md"], "w") as f:
