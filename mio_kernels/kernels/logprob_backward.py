@@ -42,14 +42,19 @@ def logprob_backward_kernel(
     mask_n = offs_n < N
     mask_v = offs_v < V
     g = tl.load(G + offs_n, mask=mask_n, other=0.0)
+    # 64-bit row offsets: N * H and V * H may exceed 2^31.
+    h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
+    w_rows = W + offs_v.to(tl.int64)[:, None] * stride_wv
+    dh_rows = DH + offs_n.to(tl.int64)[:, None] * stride_dhn
+    dw_rows = DW + offs_v.to(tl.int64)[:, None] * stride_dwv
     if tl.max(tl.abs(g), axis=0) > 0.0:
         logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :],
+            h = tl.load(h_rows + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :],
+            w = tl.load(w_rows + offs_d[None, :],
                         mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
@@ -77,20 +82,20 @@ def logprob_backward_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
             if COMPUTE_DH:
-                w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :],
+                w = tl.load(w_rows + offs_d[None, :],
                             mask=mask_v[:, None] & mask_d[None, :], other=0.0)
                 if UPCAST:
                     w = w.to(tl.float32)
                 dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
-                tl.atomic_add(DH + offs_n[:, None] * stride_dhn + offs_d[None, :], dh,
+                tl.atomic_add(dh_rows + offs_d[None, :], dh,
                               mask=mask_n[:, None] & mask_d[None, :])
             if COMPUTE_DW:
-                h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :],
+                h = tl.load(h_rows + offs_d[None, :],
                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
                 if UPCAST:
                     h = h.to(tl.float32)
                 dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
-                tl.atomic_add(DW + offs_v[:, None] * stride_dwv + offs_d[None, :], dw,
+                tl.atomic_add(dw_rows + offs_d[None, :], dw,
                               mask=mask_v[:, None] & mask_d[None, :])
 
 

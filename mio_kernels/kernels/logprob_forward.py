@@ -30,6 +30,7 @@ def logprob_forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     labels = tl.load(Y + offs_n, mask=mask_n, other=ignore_index)
+    h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn  # 64-bit: N * H may exceed 2^31
 
     row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     row_sumexp = tl.zeros((BLOCK_N,), tl.float32)
@@ -40,13 +41,14 @@ def logprob_forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
+        w_rows = W + offs_v.to(tl.int64)[:, None] * stride_wv
         logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :],
+            h = tl.load(h_rows + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :],
+            w = tl.load(w_rows + offs_d[None, :],
                         mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:  # the interpreter's bf16 arithmetic is wrong: upcast right after load
                 h = h.to(tl.float32)
