@@ -1,0 +1,281 @@
+"""TrainConfig: every option of the trainer, one docstring per field (also the CLI help).
+
+Precedence: dataclass defaults < config file (--config x.yaml | x.json, keys = field names)
+< command-line flags (--field-name value; booleans as --flag / --no-flag).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mio_kernels.train.data import BUILTIN_DATASET
+from mio_kernels.train.model import BUILTIN_MODEL
+
+LOSS_TYPES = ("mio", "dpo", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "apo_zero")
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- run
+    name: str = "default"
+    """Run name: outputs (metrics.jsonl, plot, checkpoints, final model) go to <output_dir>/<name>/."""
+    output_dir: str = "runs"
+    """Parent directory of the run directory (relative to the current directory)."""
+    seed: int = 0
+    """Seeds model init, data order and every RNG; with it a CPU run is bit-for-bit repeatable."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU) | cpu | cuda."""
+    threads: Optional[int] = None
+    """CPU threads per process (torch.set_num_threads). Default: 1 for builtin:tiny-llama (its ops
+    are too small to gain from more, and OpenMP threads stall badly on shared cores), else torch's."""
+
+    # ---------------------------------------------------------------- model
+    model: str = BUILTIN_MODEL
+    """A HF causal LM: local directory or hub id (hub needs network), or builtin:tiny-llama
+    (a Llama-architecture model built from a config, random init, no download)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer path/id; default: the model's (the builtin model builds its own locally)."""
+    dtype: str = "float32"
+    """Parameter (master weight) dtype: float32 | bfloat16."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, off on CPU) | bf16 | none. Autocast for the backbone; under FSDP the
+    parameters are gathered in bf16 with fp32 gradient reduction."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block in backward instead of storing its activations."""
+    tiny_hidden_size: int = 128
+    """builtin:tiny-llama hidden size."""
+    tiny_layers: int = 4
+    """builtin:tiny-llama decoder blocks."""
+    tiny_heads: int = 4
+    """builtin:tiny-llama attention heads."""
+    tiny_intermediate_size: int = 384
+    """builtin:tiny-llama MLP width."""
+
+    # ---------------------------------------------------------------- data
+    dataset: str = BUILTIN_DATASET
+    """Preference data in TRL's format (prompt, chosen, rejected: str or list of K str): a local
+    .json/.jsonl/.parquet file, a `datasets` name, or builtin:arithmetic (shipped)."""
+    dataset_split: str = "train"
+    """Split of `dataset` to train on."""
+    eval_dataset: Optional[str] = None
+    """Held-out preference data for evaluation; default: builtin:arithmetic's test split when
+    training on builtin:arithmetic, else no evaluation."""
+    eval_split: str = "test"
+    """Split of `eval_dataset`."""
+    max_train_examples: Optional[int] = None
+    """Use only the first N training rows (default: all)."""
+    max_eval_examples: int = 300
+    """Evaluate on the first N held-out rows."""
+    max_length: int = 128
+    """Tokens per sequence (prompt + response, EOS included); longer rows are truncated (data.py)."""
+    max_prompt_length: int = 96
+    """Prompt tokens kept (its last ones) when a row must be truncated."""
+
+    # ---------------------------------------------------------------- preference loss
+    loss_type: str = "mio"
+    """mio | dpo | ipo | hinge | robust | bco_pair | sppo_hard | apo_zero (see losses.md)."""
+    beta: float = 0.1
+    """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x))."""
+    num_negatives: Optional[int] = None
+    """K rejected responses per prompt; default: as many as the rows have (all rows must agree)."""
+    label_smoothing: float = 0.0
+    """Label smoothing for loss_type=robust."""
+    average_log_prob: bool = False
+    """Length-normalise sequence log-probs (mean over response tokens instead of sum)."""
+    sft_weight: float = 0.0
+    """Add sft_weight * NLL of the chosen responses to the preference loss (RPO)."""
+    reference: str = "precompute"
+    """precompute: reference log-probs of the whole training set in one forward-only pass before
+    preference training (no second model in memory) | online: a frozen copy of the policy scores
+    each batch | none: reference-free."""
+    backend: str = "auto"
+    """fused_mio_loss backend: auto | triton | native | reference."""
+
+    # ---------------------------------------------------------------- preference optimisation
+    steps: int = 120
+    """Preference-training optimizer steps."""
+    batch_size: int = 16
+    """Prompts per optimizer step, over all processes (each brings its 1 + K responses)."""
+    micro_batch_size: int = 8
+    """Prompts per forward/backward on one process; gradients accumulate over
+    batch_size / (micro_batch_size * processes) micro-batches (the last may be smaller)."""
+    lr: float = 3e-4
+    """Peak learning rate of the preference phase."""
+    warmup_steps: int = 10
+    """Linear warm-up steps, then cosine decay to min_lr_ratio * lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping; the norm is logged either way)."""
+
+    # ---------------------------------------------------------------- SFT warm-up
+    sft_steps: Optional[int] = None
+    """SFT warm-up steps on the chosen responses before preference training (the result is the
+    reference model); default: 300 for builtin:tiny-llama (it starts from random weights), else 0."""
+    sft_batch_size: int = 32
+    """Prompts per SFT optimizer step, over all processes."""
+    sft_micro_batch_size: int = 32
+    """Prompts per SFT forward/backward on one process."""
+    sft_lr: float = 2e-3
+    """Peak learning rate of the SFT warm-up (same schedule shape as the preference phase)."""
+    sft_warmup_steps: int = 20
+    """Linear warm-up steps of the SFT phase."""
+
+    # ---------------------------------------------------------------- evaluation
+    eval: bool = True
+    """Evaluate before and after preference training (needs an eval dataset)."""
+    max_new_tokens: int = 40
+    """Greedy decoding length limit for exact-match evaluation."""
+    eval_batch_size: int = 100
+    """Prompts per evaluation forward."""
+
+    # ---------------------------------------------------------------- output and checkpoints
+    log_every: int = 1
+    """Write metrics every N optimizer steps (the only host syncs of the loop)."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+    plot: bool = True
+    """Write rewards.png (chosen/rejected rewards and log-probs over steps) at the end."""
+    save_final: bool = True
+    """save_pretrained the final model and tokenizer to <run>/final."""
+    checkpoint_every: int = 0
+    """Write a torch.distributed.checkpoint every N optimizer steps (0: never). Atomic."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (older ones are deleted after a new one completes)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint of this run (fresh start when there is none)."""
+
+    # ------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def resolved_threads(self) -> Optional[int]:
+        if self.threads is not None:
+            return self.threads
+        return 1 if self.model == BUILTIN_MODEL else None
+
+    def resolved_sft_steps(self) -> int:
+        if self.sft_steps is not None:
+            return self.sft_steps
+        return 300 if self.model == BUILTIN_MODEL else 0
+
+    def resolved_eval_dataset(self) -> Optional[str]:
+        if self.eval_dataset is not None or not self.eval:
+            return self.eval_dataset if self.eval else None
+        return BUILTIN_DATASET if self.dataset == BUILTIN_DATASET else None
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"config: {msg}")
+        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        need(self.reference in ("precompute", "online", "none"), f"reference must be precompute|online|none")
+        need(self.device in ("auto", "cpu", "cuda"), "device must be auto|cpu|cuda")
+        need(self.mixed_precision in ("auto", "bf16", "none"), "mixed_precision must be auto|bf16|none")
+        need(self.dtype in ("float32", "bfloat16"), "dtype must be float32|bfloat16")
+        need(self.steps >= 0 and self.resolved_sft_steps() >= 0, "steps must be >= 0")
+        for name in ("batch_size", "micro_batch_size", "sft_batch_size", "sft_micro_batch_size"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1")
+        need(0 < self.max_prompt_length < self.max_length, "need 0 < max_prompt_length < max_length")
+        need(self.beta > 0, "beta must be > 0")
+        need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every >= 0, keep_checkpoints >= 1")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def field_docs(cls=TrainConfig) -> Dict[str, str]:
+    """Field name -> its docstring (the string literal after it in the class body)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _parse_value(name: str, tp, raw: str):
+    base = _base_type(tp)
+    if raw.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        return None
+    try:
+        return base(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: expected {base.__name__}, got {raw!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    docs = field_docs()
+    hints = typing.get_type_hints(TrainConfig)
+    parser = argparse.ArgumentParser(
+        prog="mio-train",
+        description="Preference-train a causal LM with fused_mio_loss (the logits are never formed). "
+                    "With no arguments: the embedded default job (tiny Llama, shipped arithmetic "
+                    "preferences, SFT warm-up, then MIO, evaluation before/after). "
+                    "Multi-process: torchrun --nproc_per_node N -m mio_kernels.train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of field: value (flags override it)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        if _base_type(tp) is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=docs.get(f.name, ""))
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
+                                type=lambda raw, n=f.name, t=tp: _parse_value(n, t, raw),
+                                help=docs.get(f.name, "") + f" (default: {f.default})")
+    return parser
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = load_config_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    return TrainConfig(**values).validate()

@@ -1,0 +1,262 @@
+"""Preference data: loading, validation, tokenisation, collation into the fused loss's row layout.
+
+Rows are in TRL's preference format: `prompt` (str), `chosen` (str), `rejected` (str, or a list
+of K str). Every row is validated; a malformed one raises DatasetRowError naming the source, the
+row and the field. Nothing is dropped silently.
+
+Tokenisation (per row): prompt -> tokenizer(prompt) (with the tokenizer's special tokens, e.g.
+BOS); each response -> tokenizer(response, add_special_tokens=False) + [EOS]. Prompt and
+response are tokenised separately, as TRL does, so the boundary is exact.
+
+Truncation rules (stated once, applied to every row; truncated rows are counted and logged):
+  1. if len(prompt) + len(longest response) > max_length, the prompt keeps its LAST
+     max_prompt_length tokens (left truncation: the question at its end survives);
+  2. each response is then cut on the right to max_length - len(prompt) tokens (it may lose
+     its EOS). max_prompt_length < max_length, so every response keeps at least one token.
+
+Batch layout (what fused_mio_loss expects): for P prompts with K negatives, S = P * (1 + K)
+rows: the P chosen sequences, then K blocks of P rejected ones. Each row is prompt + response,
+right-padded; input_ids = seq[:-1], labels = seq[1:] with prompt and padding positions set to
+ignore_index, so labels[:, t] is the token that position t predicts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+BUILTIN_DATASET = "builtin:arithmetic"
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DatasetRowError(ValueError):
+    """A preference row that cannot be used; the message names the source, row and field."""
+
+    def __init__(self, source: str, row: int, field: str, problem: str):
+        self.source, self.row, self.field = source, row, field
+        super().__init__(f"{source}: row {row}: field {field!r} {problem}")
+
+
+@dataclass
+class Example:
+    """One tokenised prompt with its responses ([chosen, rejected_1..K]), token ids as lists."""
+
+    prompt: List[int]
+    responses: List[List[int]]
+    answer: str          # the chosen response's final answer (exact-match target)
+    truncated: bool = False
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _builtin_path(split: str) -> Path:
+    from mio_kernels.data import ARITHMETIC_TEST, ARITHMETIC_TRAIN
+
+    paths = {"train": ARITHMETIC_TRAIN, "test": ARITHMETIC_TEST}
+    if split not in paths:
+        raise ValueError(f"{BUILTIN_DATASET} has splits {sorted(paths)}, not {split!r}")
+    return paths[split]
+
+
+def load_rows(source: str, split: str = "train") -> Tuple[Sequence[dict], str]:
+    """Rows of a preference dataset (a `datasets.Dataset` or a list of dicts) and a display name.
+
+    `source`: BUILTIN_DATASET, a local .json/.jsonl/.parquet file, or a dataset name for
+    `datasets.load_dataset` (a hub id needs network access).
+    """
+    import datasets
+
+    if source == BUILTIN_DATASET:
+        path = _builtin_path(split)
+        return _load_file(path, "json"), f"{BUILTIN_DATASET}[{split}]"
+    path = Path(source)
+    if path.is_file():
+        ext = path.suffix.lower()
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise ValueError(f"{source}: unsupported file type {ext!r} (use .json, .jsonl or .parquet)")
+        return _load_file(path, builder), str(path)
+    return datasets.load_dataset(source, split=split), f"{source}[{split}]"
+
+
+def _load_file(path: Path, builder: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if builder != "json" or _plain_text_columns(ds):
+            return ds
+    except Exception as err:
+        if builder != "json":
+            raise ValueError(f"{path}: could not be read as a preference dataset: {err}") from err
+    # Arrow refuses a column whose type changes between rows (e.g. `rejected` a string in one
+    # row, a list or a number in another), or `datasets` types it as Json and re-parses the
+    # strings in it (" 4" becomes 4): read the rows ourselves, exactly, so a bad one gets named.
+    rows = list(_json_rows(path))
+    for i, row in enumerate(rows):
+        validate_row(row, i, str(path))
+    return rows
+
+
+def _plain_text_columns(ds) -> bool:
+    """Whether prompt/chosen are string columns and rejected a string or list-of-string column."""
+    from datasets import Value
+
+    feats = ds.features
+    text = lambda f: isinstance(f, Value) and f.dtype in ("string", "large_string")
+    rej = feats.get("rejected")
+    return (all(text(feats.get(k)) for k in ("prompt", "chosen"))
+            and (text(rej) or text(getattr(rej, "feature", None))))
+
+
+def _json_rows(path: Path):
+    text = path.read_text()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DatasetRowError(str(path), len(rows), "<json>", f"is not valid JSON (line {line_no}: {err})")
+    for row in rows:
+        yield row
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate_row(row, index: int, source: str) -> Tuple[str, str, List[str]]:
+    """(prompt, chosen, [rejected...]) of one row, or DatasetRowError naming what is wrong."""
+    if not isinstance(row, dict):
+        raise DatasetRowError(source, index, "<row>", f"must be an object with fields {FIELDS}, got {type(row).__name__}")
+    for field in FIELDS:
+        if field not in row or row[field] is None:
+            raise DatasetRowError(source, index, field, "is missing")
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    for field, value in (("prompt", prompt), ("chosen", chosen)):
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            raise DatasetRowError(source, index, field, "is conversational (a list of messages); "
+                                  "apply the chat template to get text first")
+        if not isinstance(value, str):
+            raise DatasetRowError(source, index, field, f"must be a string, got {type(value).__name__}")
+    if not chosen.strip():
+        raise DatasetRowError(source, index, "chosen", "is empty")
+    if isinstance(rejected, str):
+        rejected = [rejected]
+    if not isinstance(rejected, list) or not rejected:
+        raise DatasetRowError(source, index, "rejected",
+                              f"must be a string or a non-empty list of strings, got {rejected!r:.60}")
+    for k, r in enumerate(rejected):
+        if not isinstance(r, str):
+            raise DatasetRowError(source, index, "rejected", f"item {k} must be a string, got {type(r).__name__}")
+        if not r.strip():
+            raise DatasetRowError(source, index, "rejected", f"item {k} is empty")
+    return prompt, chosen, list(rejected)
+
+
+def final_answer(text: str) -> str:
+    """The exact-match key of a response: the text after its last '####' (else all of it),
+    with all whitespace removed."""
+    tail = text.rsplit("####", 1)[-1] if "####" in text else text
+    return "".join(tail.split())
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+def tokenize_rows(rows: Sequence[dict], source: str, tokenizer, max_length: int, max_prompt_length: int,
+                  num_negatives: Optional[int] = None, max_rows: Optional[int] = None) -> Tuple[List[Example], int]:
+    """Validate and tokenise every row -> (examples, K). K = num_negatives, or the rows' own K
+    (which must then be the same for every row); rows with fewer than K rejected are errors."""
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; responses must end in one")
+    n = len(rows) if max_rows is None else min(len(rows), max_rows)
+    parsed = [validate_row(rows[i], i, source) for i in range(n)]
+    if not parsed:
+        raise ValueError(f"{source}: no rows")
+    k = num_negatives if num_negatives is not None else len(parsed[0][2])
+    for i, (_, _, rejected) in enumerate(parsed):
+        if len(rejected) < k or (num_negatives is None and len(rejected) != k):
+            raise DatasetRowError(source, i, "rejected", f"has {len(rejected)} responses; every row needs "
+                                  f"{k} (row 0 has {len(parsed[0][2])}; set num_negatives to use fewer)")
+    prompts = tokenizer([p for p, _, _ in parsed], add_special_tokens=True)["input_ids"]
+    responses = [[c] + r[:k] for _, c, r in parsed]
+    flat = tokenizer([t for rs in responses for t in rs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    examples = []
+    for i, (prompt_ids, (_, chosen, _)) in enumerate(zip(prompts, parsed)):
+        if not prompt_ids:
+            raise DatasetRowError(source, i, "prompt", "tokenizes to nothing (the first response token "
+                                  "would have no context)")
+        resp = [list(ids) + [eos] for ids in flat[i * (1 + k):(i + 1) * (1 + k)]]
+        prompt_ids = list(prompt_ids)
+        truncated = len(prompt_ids) + max(map(len, resp)) > max_length
+        if truncated:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+            resp = [r[:max_length - len(prompt_ids)] for r in resp]
+        examples.append(Example(prompt_ids, resp, final_answer(chosen), truncated))
+    return examples, k
+
+
+# ----------------------------------------------------------------------------- collation
+
+def collate(examples: Sequence[Example], pad_id: int, ignore_index: int = -100,
+            responses: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """Batch of P examples -> input_ids, attention_mask, labels [S, L] (int64), S = P * len(responses).
+
+    `responses` picks which responses, in order, as blocks of P rows (default: all, chosen
+    first, i.e. the fused loss's layout; [0] gives the chosen rows alone, for SFT).
+    """
+    if responses is None:
+        responses = range(len(examples[0].responses))
+    seqs, prompt_lens = [], []
+    for j in responses:
+        for ex in examples:
+            seqs.append(ex.prompt + ex.responses[j])
+            prompt_lens.append(len(ex.prompt))
+    width = max(map(len, seqs)) - 1
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), ignore_index, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (seq, lp) in enumerate(zip(seqs, prompt_lens)):
+        seq_t = torch.tensor(seq, dtype=torch.long)
+        n = len(seq) - 1
+        input_ids[i, :n] = seq_t[:-1]
+        attention_mask[i, :n] = 1
+        labels[i, lp - 1:n] = seq_t[lp:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(examples: Sequence[Example], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Left-padded prompts for generation: input_ids, attention_mask [P, L]."""
+    width = max(len(ex.prompt) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        input_ids[i, width - len(ex.prompt):] = torch.tensor(ex.prompt, dtype=torch.long)
+        attention_mask[i, width - len(ex.prompt):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------- order
+
+def sample_order(num_examples: int, seed: int, start: int, count: int) -> List[int]:
+    """Items [start, start + count) of the endless stream of epochs, each a fresh permutation
+    seeded by (seed, epoch). The data position is just `start`, so resuming is exact."""
+    out, pos = [], start
+    while len(out) < count:
+        epoch, offset = divmod(pos, num_examples)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(num_examples, generator=g).tolist()
+        take = min(count - len(out), num_examples - offset)
+        out += perm[offset:offset + take]
+        pos += take
+    return out

@@ -1,0 +1,107 @@
+"""Forward-only passes: sequence log-probs (reference pass, evaluation) and greedy decoding.
+
+Under FSDP every process must run the same number of forwards (each one all-gathers). The
+log-prob pass splits the chunks over processes (padding the count) and sums the results; greedy
+decoding runs the same prompts on every process, so all of them stop at the same step.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from mio_kernels.train.data import Example, collate, collate_prompts, final_answer
+from mio_kernels.train.parallelize import Dist, all_reduce_sum, reshard_all
+
+
+@torch.no_grad()
+def sequence_logps(model, examples: Sequence[Example], loss_kwargs: dict, batch_size: int, pad_id: int,
+                   d: Dist) -> Tensor:
+    """[N, 1 + K] fp32 (CPU) sequence log-probs of every response, in the loss's own reduction
+    (sum, or mean when length-normalised): exactly what fused_mio_loss takes as ref_logps."""
+    n, width = len(examples), len(examples[0].responses)
+    out = torch.zeros(n, width, dtype=torch.float32, device=d.device)
+    starts = list(range(0, n, batch_size))
+    rounds = -(-len(starts) // d.world_size)
+    for r in range(rounds):
+        j = r * d.world_size + d.rank
+        real = j < len(starts)
+        lo = starts[j] if real else 0  # a process without a chunk repeats chunk 0 and drops it
+        chunk = examples[lo:lo + batch_size]
+        batch = {k: v.to(d.device) for k, v in collate(chunk, pad_id, loss_kwargs.get("ignore_index", -100)).items()}
+        logps = model(**batch, mode="logps", loss_kwargs=loss_kwargs)["policy_logps"]
+        if real:
+            out[lo:lo + len(chunk)] = logps.float().view(width, len(chunk)).T
+    reshard_all(model)
+    return all_reduce_sum(out, d).cpu()
+
+
+@torch.no_grad()
+def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int, max_new_tokens: int,
+                    batch_size: int, d: Dist, config=None) -> List[List[int]]:
+    """Greedy continuations (token ids, up to and excluding EOS) of each example's prompt,
+    with a KV cache; left-padded batches, positions counted from each prompt's first token."""
+    from transformers import DynamicCache
+
+    results: List[List[int]] = []
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo:lo + batch_size]
+        batch = {k: v.to(d.device) for k, v in collate_prompts(chunk, pad_id).items()}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=config)
+        finished = torch.zeros(len(chunk), dtype=torch.bool, device=d.device)
+        generated = []
+        for _ in range(max_new_tokens):
+            out = model(ids, mask, mode="next", position_ids=positions, past_key_values=cache)
+            cache = out["past_key_values"]
+            nxt = out["logits"].argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            generated.append(nxt)
+            finished |= nxt == eos_id
+            if bool(finished.all()):
+                break
+            ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+        gen = torch.stack(generated, 1).tolist()
+        for row in gen:
+            results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    reshard_all(model)
+    return results
+
+
+def preference_metrics(logps: Tensor, ref_logps: Optional[Tensor], beta: float) -> Dict[str, float]:
+    """Held-out preference metrics from [N, 1 + K] log-probs (column 0 = chosen).
+
+    rewards/accuracies: r_w > max_k r_k (0 at the reference itself, where every reward is 0);
+    logps/accuracies: the model's own ranking, l_w > max_k l_k.
+    """
+    rewards = beta * (logps - ref_logps) if ref_logps is not None else beta * logps
+    return {
+        "rewards/accuracies": (rewards[:, 0] > rewards[:, 1:].max(1).values).float().mean().item(),
+        "rewards/margins": (rewards[:, 0] - rewards[:, 1:].mean(1)).mean().item(),
+        "rewards/chosen": rewards[:, 0].mean().item(),
+        "rewards/rejected": rewards[:, 1:].mean().item(),
+        "logps/chosen": logps[:, 0].mean().item(),
+        "logps/rejected": logps[:, 1:].mean().item(),
+        "logps/accuracies": (logps[:, 0] > logps[:, 1:].max(1).values).float().mean().item(),
+    }
+
+
+def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], tokenizer, loss_kwargs: dict,
+             batch_size: int, max_new_tokens: int, d: Dist, config=None) -> Dict[str, float]:
+    """Preference metrics and exact match of greedy answers on held-out examples.
+
+    exact_match: the text after the last '####' of the greedy continuation equals the chosen
+    response's (whitespace ignored); see data.final_answer.
+    """
+    pad = tokenizer.pad_token_id
+    logps = sequence_logps(model, examples, loss_kwargs, batch_size, pad, d)
+    result = preference_metrics(logps, ref_logps, loss_kwargs["beta"])
+    gens = greedy_generate(model, examples, pad, tokenizer.eos_token_id, max_new_tokens, batch_size, d, config)
+    texts = tokenizer.batch_decode(gens, skip_special_tokens=True)
+    result["exact_match"] = sum(final_answer(t) == ex.answer for t, ex in zip(texts, examples)) / len(examples)
+    result["examples"] = len(examples)
+    return result, texts

@@ -1,0 +1,214 @@
+"""Models for the trainer: the embedded tiny Llama + local tokenizer, any HF causal LM, and the
+wrapper that runs backbone -> fused loss so the [tokens, vocab] logits are never formed.
+
+`PreferenceModel` holds the HF model's backbone (`get_decoder()`: embeddings, blocks, final
+norm) and a `LMHeadLoss` holding its LM head. The loss runs inside `LMHeadLoss.forward`, so under
+FSDP2 the head's weight is all-gathered by that module's own hooks: once per forward, not once
+per chunk of the kernel (parallelize.py).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from mio_kernels import fused_mio_loss, linear_logprobs
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# Pre-tokens: a word, or a punctuation run, with its leading space (marked by the Metaspace "▁");
+# every digit on its own and the space before a number as "▁", so a digit is always one token.
+_PRETOKEN = r"▁?[A-Za-z]+|[0-9]|▁?[^A-Za-z0-9▁]+|▁"
+# The fused op's switch for its host-syncing input checks (label range, non-finite values): the
+# trainer turns it off; its labels are validated once, up front (Trainer: token ids < vocab).
+_CHECK_SWITCH = next((name for name in ("check_values", "check_finite")
+                      if name in inspect.signature(fused_mio_loss).parameters), None)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(texts: Iterable[str]):
+    """A deterministic word-level tokenizer over `texts` (no download), as a PreTrainedTokenizerFast.
+
+    With add_special_tokens (the default) an encoding starts with <s>, as Llama's does.
+    Vocabulary: the special tokens, then every ASCII printable character with and without a
+    leading space, then the pre-tokens of `texts` in sorted order. Decoding is exact for text made
+    of known pre-tokens; an unknown word becomes <unk>.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+        pre_tokenizers.Split(Regex(_PRETOKEN), behavior="isolated"),
+    ])
+    chars = [chr(c) for c in range(33, 127)]
+    vocab: Dict[str, int] = {}
+    for tok in list(SPECIAL_TOKENS.values()) + ["▁"] + chars + ["▁" + c for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    words = set()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(text))
+    for w in sorted(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def builtin_tokenizer():
+    """The tokenizer of the embedded job, built from the shipped arithmetic dataset's training file."""
+    from mio_kernels.data import ARITHMETIC_TRAIN
+
+    texts: List[str] = []
+    with open(ARITHMETIC_TRAIN) as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["prompt"], row["chosen"], *row["rejected"]]
+    return build_tokenizer(texts)
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_tiny_llama(tokenizer, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                     intermediate_size: int = 384, max_positions: int = 256):
+    """A small Llama-architecture causal LM from a config (random init; seed torch first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None, dtype: str = "float32",
+                             tiny: Optional[dict] = None):
+    """(HF causal LM, tokenizer). `model` is BUILTIN_MODEL, a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if model == BUILTIN_MODEL:
+        tok = builtin_tokenizer() if tokenizer is None else AutoTokenizer.from_pretrained(tokenizer)
+        lm = build_tiny_llama(tok, **(tiny or {})).to(torch_dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer or model)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    if tok.pad_token_id is None:  # padding is never scored, any id will do
+        tok.pad_token = tok.eos_token
+    check_supported(lm)
+    return lm, tok
+
+
+def check_supported(lm: nn.Module) -> None:
+    """Refuse models whose logits are not plain `hidden @ lm_head.weight.T (+ bias)`."""
+    cfg = lm.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(cfg, attr, None)
+        if value not in (None, 0, 1, 1.0, False):
+            raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}={value}); the fused loss "
+                             "scores hidden @ lm_head.weight.T + bias only")
+    head = lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(lm).__name__}'s output embedding is a {type(head).__name__}, not nn.Linear")
+
+
+def decoder_layers(backbone: nn.Module, lm: nn.Module) -> List[nn.Module]:
+    """The transformer blocks (the model's `_no_split_modules` classes, else the largest ModuleList)."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    blocks = [m for m in backbone.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+# ----------------------------------------------------------------------------- loss wrapper
+
+class LMHeadLoss(nn.Module):
+    """The LM head and every loss computed from it (weight and bias are read here, and only here).
+
+    forward(hidden [S, T, H], labels [S, T], mode, **kw) with mode
+      "pref":   fused_mio_loss  -> {"loss", "policy_logps" [S], metrics...}
+      "sft":    summed NLL of the scored tokens -> {"nll_sum", "tokens"}
+      "logps":  sequence log-probs in the loss's own reduction (reference pass) -> {"policy_logps"}
+      "next":   logits of the last position only -> {"logits" [S, V]} (greedy decoding)
+    Outputs are plain dicts of tensors so FSDP2 finds them (pytrees) for its backward hooks.
+    """
+
+    def __init__(self, lm_head: nn.Linear):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden: Tensor, labels: Optional[Tensor], mode: str, loss_kwargs: dict,
+                ref_logps: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if weight.dtype != hidden.dtype:  # autocast: run the head in the activations' dtype
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        if mode == "next":
+            last = hidden[:, -1]
+            logits = last @ weight.T if bias is None else torch.addmm(bias, last, weight.T)
+            return {"logits": logits.float()}
+        extra = {_CHECK_SWITCH: False} if _CHECK_SWITCH else {}
+        if mode == "pref":
+            out = fused_mio_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps, **loss_kwargs, **extra)
+            return {"loss": out.loss, "policy_logps": out.policy_logps, **out.metrics}
+        if mode == "logps":
+            kw = dict(loss_kwargs, reference_free=True, sft_weight=0.0)
+            out = fused_mio_loss(hidden, weight, labels, bias=bias, **kw, **extra)
+            return {"policy_logps": out.policy_logps}
+        if mode == "sft":
+            ignore = loss_kwargs.get("ignore_index", -100)
+            token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore,
+                                          backend=loss_kwargs.get("backend", "auto"))
+            return {"nll_sum": -token_logps.sum(), "tokens": (labels != ignore).sum()}
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+class PreferenceModel(nn.Module):
+    """backbone (embeddings, blocks, final norm) + LMHeadLoss; the HF model is kept unregistered.
+
+    forward(input_ids [S, T], attention_mask [S, T], labels [S, T], mode, loss_kwargs, ref_logps)
+    -> the head's dict. Labels are already shifted: labels[:, t] is the token after position t.
+    """
+
+    def __init__(self, lm: nn.Module, autocast_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.backbone = lm.get_decoder()
+        self.head = LMHeadLoss(lm.get_output_embeddings())
+        self.__dict__["lm"] = lm  # not a submodule: its parameters are the backbone's and the head's
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def tied(self) -> bool:
+        return self.head.lm_head.weight is self.lm.get_input_embeddings().weight
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
+                mode: str = "pref", loss_kwargs: Optional[dict] = None, ref_logps: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, past_key_values=None) -> Dict[str, Tensor]:
+        device_type = input_ids.device.type
+        use_cache = past_key_values is not None
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=past_key_values, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if self.autocast_dtype is not None:
+            hidden = hidden.to(self.autocast_dtype)
+        with torch.autocast(device_type, enabled=False):  # the fused op picks its own precisions
+            result = self.head(hidden, labels, mode, loss_kwargs or {}, ref_logps)
+        if use_cache:
+            result["past_key_values"] = out.past_key_values
+        return result
