@@ -1,0 +1,111 @@
+// Entry points of mio_kernels._C: argument checks, then the CPU or CUDA path.
+#include <torch/extension.h>
+
+#include "logprob.h"
+
+namespace {
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const mio::OptTensor& bias,
+                  const at::Tensor& labels) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [N, H] and weight [V, H]");
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [N, H] and weight [V, H] disagree on H: ",
+              hidden.size(1), " vs ", weight.size(1));
+  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one vocabulary row");
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), "hidden and weight must be contiguous");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype, got ",
+              hidden.scalar_type(), " and ", weight.scalar_type());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "native backend supports float32, bfloat16, float16 and float64, got ", dt);
+  TORCH_CHECK(hidden.device() == weight.device() && labels.device() == hidden.device(),
+              "hidden, weight and labels must be on one device");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0) && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              "labels must be a contiguous int64 [N] tensor");
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous(),
+                "bias must be a contiguous [V] tensor");
+    TORCH_CHECK(bias->scalar_type() == dt && bias->device() == hidden.device(),
+                "bias must match weight's dtype and device");
+  }
+}
+
+void check_labels_cpu(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels.numel(); ++i)
+    TORCH_CHECK(lab[i] == ignore_index || (lab[i] >= 0 && lab[i] < vocab), "label ", lab[i],
+                " at token ", i, " is outside [0, ", vocab, ") and is not ignore_index ", ignore_index);
+}
+
+std::vector<at::Tensor> logprob_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                        const mio::OptTensor& bias, const at::Tensor& labels,
+                                        int64_t ignore_index, int64_t budget_bytes) {
+  check_inputs(hidden, weight, bias, labels);
+  if (hidden.is_cuda()) {
+#ifdef MIO_WITH_CUDA
+    return mio::forward_cuda(hidden, weight, bias, labels, ignore_index, budget_bytes);
+#else
+    TORCH_CHECK(false, "mio_kernels._C was built without its CUDA sources");
+#endif
+  }
+  TORCH_CHECK(hidden.is_cpu(), "native backend runs on cpu and cuda, got ", hidden.device());
+  check_labels_cpu(labels, weight.size(0), ignore_index);
+  return mio::forward_cpu(hidden, weight, bias, labels, ignore_index, budget_bytes);
+}
+
+std::vector<at::Tensor> logprob_backward(const at::Tensor& hidden, const at::Tensor& weight,
+                                         const mio::OptTensor& bias, const at::Tensor& labels,
+                                         const at::Tensor& stats, const at::Tensor& grad_logp,
+                                         int64_t ignore_index, bool need_dh, bool need_dw,
+                                         int64_t budget_bytes) {
+  check_inputs(hidden, weight, bias, labels);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == hidden.size(0) && stats.size(1) == 2,
+              "softmax stats must be the [N, 2] tensor that logprob_forward returned");
+  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == hidden.size(0), "grad_logp must be [N]");
+  TORCH_CHECK(stats.device() == hidden.device() && grad_logp.device() == hidden.device(),
+              "softmax stats and grad_logp must be on hidden's device");
+  TORCH_CHECK(at::isFloatingType(stats.scalar_type()) && at::isFloatingType(grad_logp.scalar_type()),
+              "softmax stats and grad_logp must be floating point");
+  if (hidden.is_cuda()) {
+#ifdef MIO_WITH_CUDA
+    return mio::backward_cuda(hidden, weight, bias, labels, stats, grad_logp, ignore_index, need_dh,
+                              need_dw, budget_bytes);
+#else
+    TORCH_CHECK(false, "mio_kernels._C was built without its CUDA sources");
+#endif
+  }
+  TORCH_CHECK(hidden.is_cpu(), "native backend runs on cpu and cuda, got ", hidden.device());
+  check_labels_cpu(labels, weight.size(0), ignore_index);
+  return mio::backward_cpu(hidden, weight, bias, labels, stats, grad_logp, ignore_index, need_dh,
+                           need_dw, budget_bytes);
+}
+
+pybind11::dict last_workspace() {
+  const mio::WorkspaceStats& s = mio::last_stats();
+  pybind11::dict d;
+  d["chunk_rows"] = s.chunk_rows;
+  d["num_chunks"] = s.num_chunks;
+  d["rows_skipped"] = s.rows_skipped;
+  d["logits_bytes"] = s.logits_bytes;
+  d["workspace_bytes"] = s.workspace_bytes;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mio-kernels native backend: chunked LM-head log-probs (CPU, and CUDA when built with it)";
+  m.def("logprob_forward", &logprob_forward, "-> [logp [N], softmax stats [N, 2]]", py::arg("hidden"),
+        py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("ignore_index"),
+        py::arg("budget_bytes"));
+  m.def("logprob_backward", &logprob_backward, "-> [dH | None, dW | None, db | None]",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("softmax_stats"),
+        py::arg("grad_logp"), py::arg("ignore_index"), py::arg("need_hidden_grad"),
+        py::arg("need_weight_grad"), py::arg("budget_bytes"));
+  m.def("last_workspace", &last_workspace, "what the last call allocated (bytes, chunk rows)");
+#ifdef MIO_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

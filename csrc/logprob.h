@@ -1,0 +1,62 @@
+// Native backend of the fused LM-head log-prob op (mio_kernels._C).
+//
+//   forward:  Z = hidden @ weight^T (+ bias), lse = logsumexp(Z, -1), logp = Z[label] - lse
+//   backward: dZ = g * (onehot(label) - softmax(Z)), dH = dZ @ W, dW = dZ^T @ H, db = sum_t dZ
+//
+// Both walk the tokens in chunks of rows whose logits fit a byte budget, so the extra
+// memory is O(chunk_rows * V + V * H) and never O(N * V).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace mio {
+
+// What the last call in this process allocated (for tests and benchmarks).
+struct WorkspaceStats {
+  int64_t chunk_rows = 0;       // token rows per chunk
+  int64_t num_chunks = 0;       // chunks computed
+  int64_t rows_skipped = 0;     // backward: rows with zero gradient, never recomputed
+  int64_t logits_bytes = 0;     // the chunk logits buffer (the budgeted temporary)
+  int64_t workspace_bytes = 0;  // every temporary the call allocated, summed (>= its peak)
+};
+
+WorkspaceStats& last_stats();
+
+// Rows per chunk: as many as fit `budget_bytes` of logits, at least 1, at most `n_rows`.
+int64_t chunk_rows_for(int64_t budget_bytes, int64_t vocab, int64_t elem_size, int64_t n_rows);
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Returns {logp [N], stats [N, 2]} in the accumulation dtype (fp64 for fp64 inputs, else
+// fp32); stats holds each row's max m and log sum exp(z - m) apart (m + log-sum in one fp32
+// number loses ~5e-4 at logits of ~1e4).
+std::vector<at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const OptTensor& bias, const at::Tensor& labels,
+                                    int64_t ignore_index, int64_t budget_bytes);
+
+// Returns {dH | undefined, dW | undefined, db | undefined} in the parameters' dtypes.
+// The CPU path recomputes each row's statistics (cheap next to the GEMMs) instead of
+// reading `stats`; the CUDA path reads them.
+std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const OptTensor& bias, const at::Tensor& labels,
+                                     const at::Tensor& stats, const at::Tensor& grad_logp,
+                                     int64_t ignore_index, bool need_dh, bool need_dw,
+                                     int64_t budget_bytes);
+
+#ifdef MIO_WITH_CUDA
+std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const OptTensor& bias, const at::Tensor& labels,
+                                     int64_t ignore_index, int64_t budget_bytes);
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                      const OptTensor& bias, const at::Tensor& labels,
+                                      const at::Tensor& stats, const at::Tensor& grad_logp,
+                                      int64_t ignore_index, bool need_dh, bool need_dw,
+                                      int64_t budget_bytes);
+#endif
+
+}  // namespace mio
