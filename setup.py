@@ -102,8 +102,7 @@ def _extension_kwargs():
     torch = _import_torch()
     if torch is None:
         _log("WARNING: torch is not importable, so the native extension mio_kernels._C is not built "
-             "(backend='native' will be unavailable). Install torch first, then reinstall with "
-             "`pip install --no-build-isolation .`")
+             "(backend='native' will be unavailable). Install torch first, then reinstall mio-kernels.")
         return {}
     from torch.utils import cpp_extension
 
