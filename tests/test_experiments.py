@@ -51,3 +51,19 @@ def test_gaussian_mi_quick(tmp_path):
         summary = record["summary"][f"K={k}"]
         for key in ("mean_abs_err_dv", "mean_abs_err_js", "geomean_ratio_var_at_init", "geomean_ratio_var_at_js_final"):
             assert_finite(summary[key], key)
+
+
+def test_toy_dynamics_quick(tmp_path):
+    record = run_quick("toy_dynamics.py", tmp_path)
+    assert record["experiment"] == "toy_dynamics" and record["config"]["quick"]
+    cfg = record["config"]
+    assert len(record["runs"]) == 4 * 2 * len(cfg["worlds"]) * len(cfg["ks"])  # scenarios x losses x worlds x K
+    for run in record["runs"]:
+        assert run["loss"] in ("dpo", "mio")
+        for key in ("p_chosen_start", "p_chosen_max", "p_chosen_end", "p_rejected_end", "p_unseen_end",
+                    "u_chosen_worst_min", "u_chosen_worst_end", "chosen_late_drop"):
+            assert_finite(run[key], key)
+        assert 0.0 < run["p_chosen_end"] <= 1.0
+        assert len(run["curve"]["step"]) == len(run["curve"]["p_chosen"]) > 1
+        assert run["curve"]["step"][-1] == cfg["steps"]
+    assert set(record["summary"]) >= {"dpo_lowers_chosen_in", "mio_lowers_chosen_in"}
