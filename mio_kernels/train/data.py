@@ -70,6 +70,8 @@ def load_rows(source: str, split: str = "train") -> Tuple[Sequence[dict], str]:
     """
     import datasets
 
+    datasets.disable_progress_bars()  # the trainer logs one line per dataset instead
+
     if source == BUILTIN_DATASET:
         path = _builtin_path(split)
         return _load_file(path, "json"), f"{BUILTIN_DATASET}[{split}]"

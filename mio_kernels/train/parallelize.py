@@ -74,8 +74,12 @@ def parallelize(pm: PreferenceModel, d: Dist, bf16: bool, activation_checkpointi
     bf16: single process -> autocast for the backbone; FSDP -> parameters gathered in bf16,
     gradients reduced in fp32 (MixedPrecisionPolicy), no autocast.
     """
-    if activation_checkpointing:
-        pm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if activation_checkpointing:  # HF's per-block checkpointing (renamed in transformers 5)
+        kwargs = {"use_reentrant": False}
+        if hasattr(pm.lm, "activation_checkpointing_enable"):
+            pm.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            pm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not d.enabled:
         pm.autocast_dtype = torch.bfloat16 if bf16 else None
         return pm

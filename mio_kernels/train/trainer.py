@@ -3,8 +3,8 @@
     trainer = Trainer(cfg); trainer.run()
 
 Read top to bottom: `run` is the whole job, `train_phase` one phase's steps (log, checkpoint),
-`train_step` one optimizer step (micro-batches, clip, step). Host syncs happen only at log time,
-in evaluation and in checkpoints.
+`train_step` one optimizer step = `forward_backward` (micro-batches) + `optimizer_step` (clip,
+step, zero). Host syncs happen only at log time, in evaluation and in checkpoints.
 
 Loss scaling under gradient accumulation (and across processes): the preference loss of a
 micro-batch is a mean over its prompts, so it is weighted by (its prompts / prompts in the whole
@@ -215,12 +215,22 @@ class Trainer:
             self.ref_model = self.build_reference_model()
         t0 = time.perf_counter()
         if self.cfg.reference == "precompute":
-            self.ref_train = sequence_logps(self.model, self.train, self.loss_kwargs, bs, self.pad_id, self.d)
+            # Every training prompt the preference phase will visit (all of them once it runs an
+            # epoch); the others stay NaN, so using one by mistake shows as a NaN loss.
+            spec = self.phases["pref"]
+            needed = sorted(set(self.step_indices_range(spec, 0, spec.steps)))
+            self.ref_train = torch.full((len(self.train), 1 + self.k), float("nan"))
+            if needed:
+                self.ref_train[needed] = sequence_logps(self.model, [self.train[i] for i in needed],
+                                                        self.loss_kwargs, bs, self.pad_id, self.d)
         else:
             self.ref_train = torch.zeros(len(self.train), 1 + self.k)  # unused; keeps checkpoints uniform
         self.ref_eval = (sequence_logps(self.model, self.eval_examples, self.loss_kwargs, bs, self.pad_id, self.d)
                          if self.eval_examples else torch.zeros(0, 1 + self.k))
-        self.log(f"reference log-probs ({self.cfg.reference}) in {time.perf_counter() - t0:.1f}s")
+        scored = (f"{int(self.ref_train[:, 0].isfinite().sum())} training prompts"
+                  if self.cfg.reference == "precompute" else "training prompts scored per batch")
+        self.log(f"reference log-probs ({self.cfg.reference}: {scored}, {len(self.eval_examples)} held out) "
+                 f"in {time.perf_counter() - t0:.1f}s")
 
     def batch_ref_logps(self, indices: Sequence[int], batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """[S] reference log-probs in the loss's row layout (chosen block, then K rejected blocks)."""
@@ -281,6 +291,11 @@ class Trainer:
         """The global batch of optimizer step `step` of a phase: a pure function of (seed, step)."""
         return sample_order(len(self.train), self.cfg.seed + 7919 * spec.seed_offset,
                             step * spec.batch_size, spec.batch_size)
+
+    def step_indices_range(self, spec: PhaseSpec, start: int, stop: int) -> List[int]:
+        """The samples of optimizer steps [start, stop) of a phase, in order."""
+        return sample_order(len(self.train), self.cfg.seed + 7919 * spec.seed_offset,
+                            start * spec.batch_size, (stop - start) * spec.batch_size)
 
     def train_step(self, spec: PhaseSpec, step: int):
         lr = lr_at(step, spec.lr, spec.warmup, spec.steps, self.cfg.min_lr_ratio)

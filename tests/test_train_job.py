@@ -1,0 +1,128 @@
+"""The trainer in one process: the default job's first steps end to end, loss scaling under
+gradient accumulation, reference modes, activation checkpointing, the config front end."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mio_kernels.train.config import TrainConfig, parse_args
+from mio_kernels.train.trainer import Trainer, lr_at
+
+TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens/s")
+TINY = ["--tiny-hidden-size", "32", "--tiny-layers", "2", "--tiny-heads", "2", "--tiny-intermediate-size", "64",
+        "--max-train-examples", "32", "--no-eval", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_default_job_first_steps(tmp_path):
+    """The default job (model, data, SFT -> MIO -> eval) with small step counts."""
+    from mio_kernels.train.cli import main
+
+    main(["--output-dir", str(tmp_path), "--sft-steps", "3", "--steps", "3", "--max-train-examples", "64",
+          "--max-eval-examples", "12", "--max-new-tokens", "12", "--no-progress"])
+    run = tmp_path / "default"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 1), ("sft", 2), ("sft", 3),
+                                                      ("pref", 1), ("pref", 2), ("pref", 3)]
+    for r in rows[3:]:
+        assert set(TRL_NAMES) <= r.keys() and all(math.isfinite(r[k]) for k in TRL_NAMES)
+    assert rows[3]["loss"] == pytest.approx(math.log(4), abs=1e-5)  # MIO at the reference: ln 4
+    assert rows[3]["rewards/chosen"] == pytest.approx(0, abs=1e-5)  # batching differs by rounding only
+    summary = json.loads((run / "summary.json").read_text())
+    for when in ("eval_before", "eval_after"):
+        assert {"exact_match", "rewards/accuracies", "logps/accuracies"} <= summary[when].keys()
+    assert (run / "rewards.png").stat().st_size > 1000
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.model_type == "llama" and len(tok) == model.config.vocab_size
+
+
+def grads(trainer, phase, step=0):
+    trainer.model.zero_grad(set_to_none=True)
+    stats = trainer.forward_backward(trainer.phases[phase], trainer.step_indices(trainer.phases[phase], step))
+    return {k: v.item() for k, v in stats.items()}, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+def make(tmp_path, *extra):
+    t = Trainer(parse_args(TINY + ["--output-dir", str(tmp_path), "--batch-size", "8", "--micro-batch-size", "8",
+                                   "--sft-batch-size", "8", "--sft-micro-batch-size", "8", *extra]))
+    t.compute_reference()
+    return t
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    return make(tmp_path_factory.mktemp("acc"))
+
+
+@pytest.mark.parametrize("phase", ["sft", "pref"])
+def test_accumulation_equals_one_big_batch(trainer, phase):
+    """Micro-batches of 3, 3, 2 prompts (unequal token counts) give the one-batch loss and grads."""
+    spec = trainer.phases[phase]
+    stats_big, g_big = grads(trainer, phase)
+    spec.micro_batch_size = 3
+    try:
+        stats_acc, g_acc = grads(trainer, phase)
+    finally:
+        spec.micro_batch_size = 8
+    assert stats_acc["loss"] == pytest.approx(stats_big["loss"], rel=1e-6)
+    for name in g_big:
+        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_reference_modes_agree(trainer, tmp_path):
+    """Online frozen copy == precomputed log-probs; at the reference MIO's loss is ln 4 (any K)."""
+    stats_pre, g_pre = grads(trainer, "pref")
+    online = make(tmp_path, "--reference", "online")
+    stats_on, g_on = grads(online, "pref")
+    assert stats_pre["loss"] == pytest.approx(math.log(4), abs=1e-6)
+    assert stats_on["loss"] == pytest.approx(stats_pre["loss"], abs=1e-6)
+    for name in g_pre:
+        torch.testing.assert_close(g_on[name], g_pre[name], rtol=1e-4, atol=1e-6, msg=name)
+    free = make(tmp_path, "--reference", "none", "--loss-type", "dpo")
+    stats_free, _ = grads(free, "pref")
+    assert math.isfinite(stats_free["loss"]) and stats_free["rewards/chosen"] != 0
+
+
+def test_activation_checkpointing_same_grads(trainer, tmp_path):
+    _, g = grads(trainer, "pref")
+    ac = make(tmp_path, "--activation-checkpointing")
+    on = lambda lm: getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing
+    assert on(ac.lm) and not on(trainer.lm)
+    _, g_ac = grads(ac, "pref")
+    for name in g:
+        torch.testing.assert_close(g_ac[name], g[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert 0.1 < lr_at(55, 1.0, 10, 100, 0.1) < 1.0
+
+
+def test_config_file_and_flags(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("loss_type: dpo\nbeta: 0.5\nmax-length: 64\nmax_prompt_length: 48\n")
+    cfg = parse_args(["--config", str(yml), "--beta", "0.2", "--no-eval", "--num-negatives", "2"])
+    assert (cfg.loss_type, cfg.beta, cfg.max_length, cfg.eval, cfg.num_negatives) == ("dpo", 0.2, 64, False, 2)
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"steps": 7, "tokenizer": None}))
+    assert parse_args(["--config", str(js)]).steps == 7
+    js.write_text(json.dumps({"stepz": 7}))
+    with pytest.raises(ValueError, match="unknown option 'stepz'"):
+        parse_args(["--config", str(js)])
+    with pytest.raises(ValueError, match="loss_type"):
+        parse_args(["--loss-type", "nope"])
+    assert TrainConfig().resolved_sft_steps() > 0 and TrainConfig(model="some/model").resolved_sft_steps() == 0
