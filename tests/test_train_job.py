@@ -98,7 +98,8 @@ def test_reference_modes_agree(trainer, tmp_path):
 def test_activation_checkpointing_same_grads(trainer, tmp_path):
     _, g = grads(trainer, "pref")
     ac = make(tmp_path, "--activation-checkpointing")
-    on = lambda lm: getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing
+    on = lambda lm: (lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing")
+                     else lm.is_gradient_checkpointing)
     assert on(ac.lm) and not on(trainer.lm)
     _, g_ac = grads(ac, "pref")
     for name in g:
