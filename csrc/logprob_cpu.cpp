@@ -142,19 +142,21 @@ double row_sumexp(const float* z, int64_t V, float m) { return row_sumexp_f32(z,
 double row_exp_inplace(float* z, int64_t V, float m) { return row_exp_inplace_f32(z, V, m); }
 void row_scale(float* z, int64_t V, float c) { row_scale_f32(z, V, c); }
 
+// Per row r = rows[i] of the chunk: logp[r] and stats[r] = (max, log sum exp(z - max)).
 template <typename acc_t>
-void forward_epilogue(const acc_t* Z, int64_t n, int64_t V, const int64_t* labels,
-                      int64_t ignore_index, acc_t* logp, acc_t* stats) {
+void forward_epilogue(const acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
+                      const int64_t* labels, acc_t* logp, acc_t* stats) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rows[i];
       const acc_t* z = Z + i * V;
       const acc_t m = row_max(z, V);
       // An all -inf row has no finite max; its lse is -inf like torch's.
       const acc_t log_s = std::isinf(m) && m < 0 ? acc_t(0) : static_cast<acc_t>(std::log(row_sumexp(z, V, m)));
-      stats[2 * i] = m;
-      stats[2 * i + 1] = log_s;
+      stats[2 * r] = m;
+      stats[2 * r + 1] = log_s;
       // (z - m) - log_s keeps the digits that m + log_s would lose for large logits
-      logp[i] = labels[i] == ignore_index ? acc_t(0) : (z[labels[i]] - m) - log_s;
+      logp[r] = (z[labels[r]] - m) - log_s;
     }
   });
 }
@@ -196,30 +198,74 @@ void chunk_logits(at::Tensor& Z, const at::Tensor& Hc, const at::Tensor& Wa, con
     at::mm_out(Z, Hc, Wa.t());
 }
 
+// The rows a pass computes (the others cost nothing), walked in chunks of up to `size`.
+class RowChunks {
+ public:
+  explicit RowChunks(std::vector<int64_t> rows) : rows_(std::move(rows)) {
+    index_ = rows_.empty() ? at::empty({0}, at::kLong) : at::from_blob(rows_.data(), {count()}, at::kLong);
+  }
+  int64_t count() const { return static_cast<int64_t>(rows_.size()); }
+  const int64_t* rows(int64_t k0) const { return rows_.data() + k0; }
+
+  // Whether selected rows [k0, k0 + n) are consecutive tokens (first_row(k0) onwards).
+  bool is_run(int64_t k0, int64_t n) const { return rows_[k0 + n - 1] - rows_[k0] == n - 1; }
+  int64_t first_row(int64_t k0) const { return rows_[k0]; }
+  at::Tensor index(int64_t k0, int64_t n) const { return index_.narrow(0, k0, n); }
+
+  // hidden's rows of the chunk in the accumulation dtype: a view for a run, else a gather.
+  at::Tensor hidden_rows(const at::Tensor& hidden, int64_t k0, int64_t n, at::ScalarType acc,
+                         int64_t* tmp_bytes) const {
+    at::Tensor h;
+    if (is_run(k0, n)) {
+      h = hidden.narrow(0, first_row(k0), n);
+    } else {
+      h = hidden.index_select(0, index(k0, n));
+      *tmp_bytes += h.numel() * static_cast<int64_t>(h.element_size());
+    }
+    return as_acc(h, acc, tmp_bytes);
+  }
+
+ private:
+  std::vector<int64_t> rows_;
+  at::Tensor index_;
+};
+
 template <typename acc_t>
 void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
                   const at::Tensor& labels, int64_t ignore_index, int64_t budget_bytes,
                   at::Tensor& logp, at::Tensor& stats_out) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = logp.scalar_type();
+  const int64_t* lab = labels.data_ptr<int64_t>();
   WorkspaceStats stats;
+  // Ignored tokens (prompts, padding) have logp 0 and need no logits; their softmax
+  // statistics are left 0 (backward never reads them).
+  std::vector<int64_t> active;
+  active.reserve(N);
+  for (int64_t i = 0; i < N; ++i)
+    if (lab[i] != ignore_index) active.push_back(i);
+  const RowChunks chunks(std::move(active));
+  stats.rows_skipped = N - chunks.count();
+  if (chunks.count() == 0) {
+    last_stats() = stats;
+    return;
+  }
   int64_t ws = 0;
   const at::Tensor Wa = as_acc(weight, acc, &ws);  // once, O(V * H)
   const at::Tensor ba = bias && bias->defined() ? as_acc(*bias, acc, &ws) : at::Tensor();
-  stats.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), N);
+  stats.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), chunks.count());
   at::Tensor buf = at::empty({stats.chunk_rows, V}, hidden.options().dtype(acc));
   stats.logits_bytes = buf.numel() * static_cast<int64_t>(sizeof(acc_t));
   int64_t chunk_tmp = 0;
-  for (int64_t r0 = 0; r0 < N; r0 += stats.chunk_rows) {
-    const int64_t n = std::min(stats.chunk_rows, N - r0);
+  for (int64_t k0 = 0; k0 < chunks.count(); k0 += stats.chunk_rows) {
+    const int64_t n = std::min(stats.chunk_rows, chunks.count() - k0);
     int64_t tmp = 0;
-    const at::Tensor Hc = as_acc(hidden.narrow(0, r0, n), acc, &tmp);
+    const at::Tensor Hc = chunks.hidden_rows(hidden, k0, n, acc, &tmp);
     chunk_tmp = std::max(chunk_tmp, tmp);
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, Wa, ba);
-    forward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, labels.data_ptr<int64_t>() + r0,
-                            ignore_index, logp.data_ptr<acc_t>() + r0,
-                            stats_out.data_ptr<acc_t>() + 2 * r0);
+    forward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab,
+                            logp.data_ptr<acc_t>(), stats_out.data_ptr<acc_t>());
     ++stats.num_chunks;
   }
   stats.workspace_bytes = ws + stats.logits_bytes + chunk_tmp;
@@ -228,9 +274,8 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptT
 
 template <typename acc_t>
 void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
-                   const at::Tensor& labels, const at::Tensor& /*stats: recomputed*/, const at::Tensor& grad_in,
-                   int64_t ignore_index, int64_t budget_bytes, at::Tensor& dH, at::Tensor& dW_acc,
-                   at::Tensor& db_acc) {
+                   const at::Tensor& labels, const at::Tensor& grad_in, int64_t ignore_index,
+                   int64_t budget_bytes, at::Tensor& dH, at::Tensor& dW_acc, at::Tensor& db_acc) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   WorkspaceStats stats;
@@ -240,52 +285,46 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const Opt
   const int64_t* lab = labels.data_ptr<int64_t>();
 
   // Only rows with a nonzero gradient are recomputed (ignored tokens, frozen sequences and
-  // whole zero chunks cost nothing); runs of consecutive rows are used in place.
-  std::vector<int64_t> rows;
-  rows.reserve(N);
+  // whole zero chunks cost nothing).
+  std::vector<int64_t> active;
+  active.reserve(N);
   for (int64_t i = 0; i < N; ++i)
-    if (lab[i] != ignore_index && g[i] != acc_t(0)) rows.push_back(i);
-  const int64_t n_active = static_cast<int64_t>(rows.size());
-  stats.rows_skipped = N - n_active;
-  if (n_active == 0) {
+    if (lab[i] != ignore_index && g[i] != acc_t(0)) active.push_back(i);
+  const RowChunks chunks(std::move(active));
+  stats.rows_skipped = N - chunks.count();
+  if (chunks.count() == 0) {
     last_stats() = stats;
     return;
   }
 
   const at::Tensor Wa = as_acc(weight, acc, &ws);
   const at::Tensor ba = bias && bias->defined() ? as_acc(*bias, acc, &ws) : at::Tensor();
-  stats.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), n_active);
+  stats.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), chunks.count());
   at::Tensor buf = at::empty({stats.chunk_rows, V}, hidden.options().dtype(acc));
   stats.logits_bytes = buf.numel() * static_cast<int64_t>(sizeof(acc_t));
-  const at::Tensor row_index = at::from_blob(rows.data(), {n_active}, at::kLong);
   const int64_t elem = static_cast<int64_t>(sizeof(acc_t));
   int64_t chunk_tmp = 0;
 
-  for (int64_t k0 = 0; k0 < n_active; k0 += stats.chunk_rows) {
-    const int64_t n = std::min(stats.chunk_rows, n_active - k0);
-    const int64_t first = rows[k0];
-    const bool run = rows[k0 + n - 1] - first == n - 1;
-    const at::Tensor idx = row_index.narrow(0, k0, n);
+  for (int64_t k0 = 0; k0 < chunks.count(); k0 += stats.chunk_rows) {
+    const int64_t n = std::min(stats.chunk_rows, chunks.count() - k0);
+    const bool run = chunks.is_run(k0, n);
     int64_t tmp = 0;
-    at::Tensor Hc = run ? hidden.narrow(0, first, n) : hidden.index_select(0, idx);
-    if (!run) tmp += Hc.numel() * static_cast<int64_t>(Hc.element_size());
-    Hc = as_acc(Hc, acc, &tmp);
-
+    const at::Tensor Hc = chunks.hidden_rows(hidden, k0, n, acc, &tmp);
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, Wa, ba);
-    backward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, rows.data() + k0, lab, g);
+    backward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab, g);
 
     if (dH.defined()) {
       if (run && dH.scalar_type() == acc) {
-        at::Tensor out = dH.narrow(0, first, n);
+        at::Tensor out = dH.narrow(0, chunks.first_row(k0), n);
         at::mm_out(out, Z, Wa);
       } else {
         const at::Tensor dHc = at::mm(Z, Wa);
         tmp += dHc.numel() * elem;
         if (run)
-          dH.narrow(0, first, n).copy_(dHc);
+          dH.narrow(0, chunks.first_row(k0), n).copy_(dHc);
         else
-          dH.index_copy_(0, idx, dHc.to(dH.scalar_type()));
+          dH.index_copy_(0, chunks.index(k0, n), dHc.to(dH.scalar_type()));
       }
     }
     if (dW_acc.defined()) dW_acc.addmm_(Z.t(), Hc);
@@ -308,8 +347,8 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& 
                                     int64_t ignore_index, int64_t budget_bytes) {
   const at::ScalarType acc = acc_type_of(hidden);
   const int64_t N = hidden.size(0);
-  at::Tensor logp = at::empty({N}, hidden.options().dtype(acc));
-  at::Tensor stats = at::empty({N, 2}, hidden.options().dtype(acc));
+  at::Tensor logp = at::zeros({N}, hidden.options().dtype(acc));  // 0 at ignored tokens
+  at::Tensor stats = at::zeros({N, 2}, hidden.options().dtype(acc));
   if (acc == at::kDouble)
     forward_impl<double>(hidden, weight, bias, labels, ignore_index, budget_bytes, logp, stats);
   else
@@ -319,9 +358,9 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& 
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const OptTensor& bias, const at::Tensor& labels,
-                                     const at::Tensor& stats, const at::Tensor& grad_logp,
-                                     int64_t ignore_index, bool need_dh, bool need_dw,
-                                     int64_t budget_bytes) {
+                                     const at::Tensor& /*stats: recomputed from the logits*/,
+                                     const at::Tensor& grad_logp, int64_t ignore_index, bool need_dh,
+                                     bool need_dw, int64_t budget_bytes) {
   const at::ScalarType acc = acc_type_of(hidden);
   const bool has_bias = bias && bias->defined();
   at::Tensor dH, dW, db, dW_acc, db_acc;
@@ -336,11 +375,11 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor&
     return {dH, dW, db};
   }
   if (acc == at::kDouble)
-    backward_impl<double>(hidden, weight, bias, labels, stats, grad_logp, ignore_index,
-                          budget_bytes, dH, dW_acc, db_acc);
+    backward_impl<double>(hidden, weight, bias, labels, grad_logp, ignore_index, budget_bytes, dH,
+                          dW_acc, db_acc);
   else
-    backward_impl<float>(hidden, weight, bias, labels, stats, grad_logp, ignore_index,
-                         budget_bytes, dH, dW_acc, db_acc);
+    backward_impl<float>(hidden, weight, bias, labels, grad_logp, ignore_index, budget_bytes, dH,
+                         dW_acc, db_acc);
   if (need_dw) {
     const bool cast = weight.scalar_type() != acc;
     if (cast) last_stats().workspace_bytes += dW_acc.numel() * dW_acc.element_size();
