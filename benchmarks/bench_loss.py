@@ -82,7 +82,7 @@ def default_sweep(device: str, quick: bool, losses: Tuple[str, ...]) -> List[Cas
         cases = [Case(Shape(2, t, 4096, v), losses) for v in (128256, 32000) for t in (1024, 2048, 4096, 8192, 16384)]
         return cases + [Case(Shape(2, 4096, 4096, v), losses[:1]) for v in (65536, 256000)]
     if quick:
-        return [Case(Shape(2, 512, 128, 8192), losses)]
+        return [Case(Shape(2, 256, 128, 8192), losses)]
     cases = [Case(Shape(2, t, 256, 32000), losses) for t in (512, 1024, 2048, 4096)]
     return cases + [Case(Shape(2, 512, 256, v), losses[:1]) for v in (8192, 128256)]
 
@@ -389,8 +389,9 @@ def parse_args(argv=None):
                    "with: triton, native or reference (default: the first available of triton, native, reference)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case, at least (default: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up runs, the first also checks (default: 1 CPU, 2 CUDA)")
-    p.add_argument("--min-time", type=float, default=1.0,
-                   help="small shapes: keep timing until the runs add up to this many seconds (default 1)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="small shapes: keep timing until the runs add up to this many seconds (default 1, 0.3 "
+                        "with --quick)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default: benchmarks/results)")
@@ -423,7 +424,7 @@ def main(argv=None) -> dict:
     settings = {
         "device": str(device), "dtype": dtype_name, "beta": args.beta, "seed": args.seed,
         "repeats": args.repeats or 3, "warmup": max(1, args.warmup or (2 if on_cuda else 1)),
-        "min_time_s": args.min_time, "threads": torch.get_num_threads(), "ours_primary": primary, "quick": args.quick,
+        "min_time_s": args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0), "threads": torch.get_num_threads(), "ours_primary": primary, "quick": args.quick,
         "free_target": any(i.target == "free" for i in impls),
         "memory_method": ("CUDA max_memory_allocated" if on_cuda else
                           "peak RSS of a fresh process per case" if subprocesses else "peak RSS in-process"),

@@ -64,6 +64,7 @@ def markdown(result: dict) -> str:
         f"bandwidth.",
         "",
     ]
+    out.append(summary(result))
     rows_by_shape = defaultdict(list)
     for row in result["rows"]:
         rows_by_shape[shape_key(row["shape"])].append(row)
@@ -93,6 +94,34 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def summary(result: dict) -> str:
+    """Each implementation against ours and against naive at the largest shape (most tokens, then vocab)."""
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    if not ok:
+        return ""
+    biggest = max(result["shapes"], key=lambda s: (s["N"] * s["V"], s["N"]))
+    key = shape_key(biggest)
+    primary = result["settings"]["ours_primary"]
+    out = [f"**At the largest shape, {key} (N={biggest['N']:,}):** time and peak extra memory of each "
+           f"implementation, and their ratios to ours (`{primary}`) and to naive.", "",
+           "| loss | implementation | fwd+bwd ms | peak MiB | time / ours | memory / ours | time / naive | memory / naive |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for loss in biggest["losses"]:
+        rows = [r for r in result["rows"] if shape_key(r["shape"]) == key and r["loss"] == loss]
+        naive = next((r for r in rows if r["impl"] == "naive" and r["status"] == "ok"), None)
+        for r in rows:
+            if r["status"] != "ok":
+                out.append(f"| {loss} | {r['label']} | {r['status']} | | | | | |")
+                continue
+            t_naive = r["median_s"] / naive["median_s"] if naive else None
+            m_naive = (r["peak_extra_bytes"] / naive["peak_extra_bytes"]
+                       if naive and r.get("peak_extra_bytes") and naive.get("peak_extra_bytes") else None)
+            out.append(f"| {loss} | {r['label']} | {_ms(r['median_s'])} | {_mib(r['peak_extra_bytes'])} | "
+                       f"{_ratio(r.get('time_vs_ours'))} | {_ratio(r.get('memory_vs_ours'))} | {_ratio(t_naive)} | "
+                       f"{_ratio(m_naive)} |")
+    return "\n".join(out + [""])
+
+
 def write_json(path: str, result: dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -120,6 +149,7 @@ def plot(path: str, result: dict, loss: str = "mio") -> bool:
         return False
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     losses = {r["loss"] for r in result["rows"]}
@@ -145,6 +175,9 @@ def plot(path: str, result: dict, loss: str = "mio") -> bool:
         for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median)"), (ax_m, "peak extra memory, MiB")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
             ax.set_xlabel(vary + (" (sequence length)" if vary == "T" else " (vocabulary)"))
             ax.set_ylabel(ylabel)
             ax.set_title(f"{loss}, {desc}", fontsize=10)
