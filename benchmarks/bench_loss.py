@@ -44,8 +44,9 @@ from loss_impls import PEERS, Impl, Inputs, build_reference_free, first_line, ou
 
 REPO = os.path.dirname(HERE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Check tolerances: |dloss| / max(1, |loss|), max |dlogp| / max |logp|, ||dG|| / ||G|| for dH and dW.
-TOLERANCES = {torch.float32: (1e-4, 1e-5, 1e-3), torch.bfloat16: (2e-2, 1e-3, 5e-2), torch.float16: (1e-2, 1e-3, 2e-2)}
+# Check tolerances: |dloss| / max(1, |loss|), max |dlogp| / max |logp|, ||dG|| / ||G|| for dH and dW
+# (the loss and gradients also get a slack from the log-prob difference: see compare()).
+TOLERANCES = {torch.float32: (1e-4, 1e-5, 1e-3), torch.bfloat16: (2e-2, 1e-4, 5e-2), torch.float16: (1e-2, 1e-4, 2e-2)}
 
 
 @dataclass(frozen=True)
@@ -179,19 +180,27 @@ def _rel_norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def compare(loss, logps, inputs: Inputs, target: dict, dtype: torch.dtype) -> dict:
+    """Loss, sequence log-probs and gradients of one implementation against ours.
+
+    The loss sees the log-probs only through u = l - l_ref, a small difference of two large numbers
+    (|l| ~ 11 T here): rounding differences in l of a few ulps are amplified, in the loss and in the
+    per-sequence gradient factors, by up to beta * |dl|. So the log-probs are checked relative to their
+    size, and the loss and gradients get that slack, 2 * beta * max|dl|, on top of their tolerances.
+    """
     tol_loss, tol_logps, tol_grad = TOLERANCES[dtype]
-    errs = {
-        "loss_rel_err": abs(float(loss.detach()) - target["loss"]) / max(1.0, abs(target["loss"])),
-        "d_hidden_rel_err": _rel_norm_err(inputs.hidden.grad, target["d_hidden"]),
-        "d_weight_rel_err": _rel_norm_err(inputs.weight.grad, target["d_weight"]),
-    }
-    ok = errs["loss_rel_err"] <= tol_loss and errs["d_hidden_rel_err"] <= tol_grad and errs["d_weight_rel_err"] <= tol_grad
+    slack, errs = 0.0, {}
     if logps is not None and target["logps"] is not None:
         want = target["logps"]
-        errs["logps_rel_err"] = (logps.detach().float().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-        ok = ok and errs["logps_rel_err"] <= tol_logps
+        diff = (logps.detach().float().cpu() - want).abs().max().item()
+        errs["logps_rel_err"] = diff / max(want.abs().max().item(), 1.0)
+        slack = 2.0 * inputs.beta * diff
+    errs["loss_rel_err"] = abs(float(loss.detach()) - target["loss"]) / max(1.0, abs(target["loss"]))
+    errs["d_hidden_rel_err"] = _rel_norm_err(inputs.hidden.grad, target["d_hidden"])
+    errs["d_weight_rel_err"] = _rel_norm_err(inputs.weight.grad, target["d_weight"])
+    ok = (errs.get("logps_rel_err", 0.0) <= tol_logps and errs["loss_rel_err"] <= tol_loss + slack
+          and errs["d_hidden_rel_err"] <= tol_grad + slack and errs["d_weight_rel_err"] <= tol_grad + slack)
     ok = ok and all(math.isfinite(v) for v in errs.values())
-    return {"status": "ok" if ok else "FLAGGED", **{k: float(v) for k, v in errs.items()}}
+    return {"status": "ok" if ok else "FLAGGED", "slack": slack, **{k: float(v) for k, v in errs.items()}}
 
 
 def _is_oom(err: BaseException) -> bool:

@@ -33,7 +33,8 @@ def _check(check: Optional[dict]) -> str:
     status = check["status"]
     if status in ("target", "unchecked"):
         return status
-    errs = f"dL {check['loss_rel_err']:.0e}, dH {check['d_hidden_rel_err']:.0e}, dW {check['d_weight_rel_err']:.0e}"
+    errs = (f"dℓ {check['logps_rel_err']:.0e}, " if "logps_rel_err" in check else "") + \
+        f"dL {check['loss_rel_err']:.0e}, dH {check['d_hidden_rel_err']:.0e}, dW {check['d_weight_rel_err']:.0e}"
     return f"ok ({errs})" if status == "ok" else f"**FLAGGED** ({errs})"
 
 
@@ -57,7 +58,8 @@ def markdown(result: dict) -> str:
         f"`peak MiB`: extra memory of one fwd+bwd over the live inputs ({settings['memory_method']}), gradients "
         f"included. `TFLOP/s` counts 8·N·H·V. Ratios are this row / ours (`{primary}`) for the same shape and loss "
         f"(time > 1: slower than ours; memory > 1: more than ours). `check`: loss and gradients against ours "
-        f"before timing (relative errors of the loss, dH and dW); Liger runs reference-free (0.8.5 takes no "
+        f"before timing (relative errors of the sequence log-probs ℓ, the loss, dH and dW; the loss and gradients "
+        f"are allowed 2·β·max|Δℓ| on top of their tolerance, since u = ℓ − ℓ_ref amplifies rounding in ℓ); Liger runs reference-free (0.8.5 takes no "
         f"precomputed reference log-probs) and is checked against ours with reference_free=True — the same "
         f"FLOPs and memory. Floors: 8·N·H·V at the measured {settings['dtype']} GEMM rate of torch.matmul "
         f"[M,H]×[H,V]; unavoidable bytes (read hidden and weight twice, write dH and dW) at the measured copy "
