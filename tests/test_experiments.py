@@ -6,6 +6,7 @@ not assert the scientific outcome (the quick configurations are far too small fo
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -67,3 +68,23 @@ def test_toy_dynamics_quick(tmp_path):
         assert len(run["curve"]["step"]) == len(run["curve"]["p_chosen"]) > 1
         assert run["curve"]["step"][-1] == cfg["steps"]
     assert set(record["summary"]) >= {"dpo_lowers_chosen_in", "mio_lowers_chosen_in"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mio_kernels.train") is None, reason="the trainer is not installed")
+def test_chosen_rewards_quick(tmp_path):
+    record = run_quick("chosen_rewards.py", tmp_path / "out", timeout=600.0)
+    assert record["experiment"] == "chosen_rewards" and record["config"]["quick"]
+    cfg = record["config"]
+    assert set(record["runs"]) == {f"{loss}_k{k}" for loss in ("dpo", "mio") for k in cfg["ks"]}
+    for name, run in record["runs"].items():
+        curves = run["curves"]
+        assert curves["step"] == list(range(1, cfg["steps"] + 1))
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert len(curves[key]) == cfg["steps"]
+            for v in curves[key]:
+                assert_finite(v, f"{name} {key}")
+        for when in ("eval_before", "eval_after"):
+            assert_finite(run[when]["exact_match"], f"{name} {when} exact_match")
+            assert_finite(run[when]["rewards/chosen"], f"{name} {when} rewards/chosen")
+        for key in ("chosen_reward_final", "chosen_reward_late_decline", "rejected_reward_final", "margin_final"):
+            assert_finite(record["summary"][name][key], f"{name} {key}")
