@@ -12,6 +12,7 @@ Environment switches:
   MIO_KERNELS_NO_EXT=1          build the pure-Python package only
   MIO_KERNELS_NO_CUDA=1         build the CPU part of the extension only
   MIO_KERNELS_CUDA_ARCHS=80;90  compute capabilities to compile for (each kept only if nvcc knows it)
+  MIO_KERNELS_DEBUG=1           keep debug info (-g; dropped by default: a third of the build time)
   MAX_JOBS=n                    parallel compile jobs (read by torch's ninja build)
 """
 import os
@@ -108,7 +109,7 @@ def _extension_kwargs():
 
     _ensure_ninja_on_path()
     sources = ["csrc/bindings.cpp", "csrc/logprob_cpu.cpp"]
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"] + ([] if _flag("MIO_KERNELS_DEBUG") else ["-g0"])
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if _flag("MIO_KERNELS_NO_CUDA"):
         with_cuda = False

@@ -1,5 +1,8 @@
 // Entry points of mio_kernels._C: argument checks, then the CPU or CUDA path.
-#include <torch/extension.h>
+// torch/python.h (pybind11 + tensor casters) rather than torch/extension.h, which also pulls
+// in the whole C++ frontend and doubles the build time.
+#include <ATen/core/Tensor.h>
+#include <torch/python.h>
 
 #include "logprob.h"
 

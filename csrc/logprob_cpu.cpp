@@ -1,10 +1,17 @@
 // CPU path: per chunk of token rows, one ATen GEMM for the logits (fp32 accumulation, fp64
 // for fp64 inputs), a fused row epilogue over torch's intra-op threads, and in backward the
 // dZ written over the logits buffer followed by the two ATen GEMMs for dH and dW.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers: a much faster build
 #include "logprob.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <cmath>
