@@ -69,12 +69,14 @@ def worker(out_dir: str, result_file: str, steps: int) -> None:
 
 JOB = ["--name", "job", "--sft-steps", "2", "--steps", "4", "--batch-size", "4", "--micro-batch-size", "1",
        "--sft-batch-size", "4", "--sft-micro-batch-size", "2", "--checkpoint-every", "2", "--keep-checkpoints", "5",
-       "--eval", "--max-eval-examples", "6", "--max-new-tokens", "8", "--eval-batch-size", "4", "--no-plot"]
+       "--eval", "--max-eval-examples", "6", "--max-new-tokens", "8", "--eval-batch-size", "4", "--no-plot",
+       "--reference", "online"]
 
 
 def job(out_dir: str, first) -> None:
-    """The whole job (SFT, reference, eval with greedy decoding, preference steps, checkpoints,
-    save_pretrained); then drop the last checkpoints and resume from step 4: same final weights."""
+    """The whole job (SFT, online reference copy, eval with greedy decoding, preference steps,
+    checkpoints, save_pretrained); then drop the last checkpoints and resume from step 4: same
+    final weights. (The precomputed reference runs under FSDP in `worker`.)"""
     import shutil
 
     from mio_kernels.train.checkpoint import complete_checkpoints

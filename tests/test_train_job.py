@@ -68,7 +68,9 @@ def trainer(tmp_path_factory):
 
 @pytest.mark.parametrize("phase", ["sft", "pref"])
 def test_accumulation_equals_one_big_batch(trainer, phase):
-    """Micro-batches of 3, 3, 2 prompts (unequal token counts) give the one-batch loss and grads."""
+    """Micro-batches of 3, 3, 2 prompts (unequal token counts) give the one-batch loss and grads
+    (to fp32 rounding, amplified by different padding widths: atol = 1e-5 * max|g|; an unscaled
+    accumulation would be off by ~1/3)."""
     spec = trainer.phases[phase]
     stats_big, g_big = grads(trainer, phase)
     spec.micro_batch_size = 3
@@ -78,7 +80,8 @@ def test_accumulation_equals_one_big_batch(trainer, phase):
         spec.micro_batch_size = 8
     assert stats_acc["loss"] == pytest.approx(stats_big["loss"], rel=1e-6)
     for name in g_big:
-        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-5, atol=1e-7, msg=name)
+        atol = 1e-5 * g_big[name].abs().max().item()
+        torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-5, atol=atol, msg=name)
 
 
 def test_reference_modes_agree(trainer, tmp_path):
@@ -103,7 +106,7 @@ def test_activation_checkpointing_same_grads(trainer, tmp_path):
     assert on(ac.lm) and not on(trainer.lm)
     _, g_ac = grads(ac, "pref")
     for name in g:
-        torch.testing.assert_close(g_ac[name], g[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(g_ac[name], g[name], rtol=1e-5, atol=1e-5 * g[name].abs().max().item(), msg=name)
 
 
 def test_lr_schedule():

@@ -81,8 +81,9 @@ class TrainConfig:
     # ---------------------------------------------------------------- preference loss
     loss_type: str = "mio"
     """mio | dpo | ipo | hinge | robust | bco_pair | sppo_hard | apo_zero (see losses.md)."""
-    beta: float = 0.1
-    """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x))."""
+    beta: Optional[float] = None
+    """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x)). Default: 0.1 (TRL's), but 0.5
+    for builtin:tiny-llama (on the embedded job 0.1 let both losses drift the chosen likelihood down)."""
     num_negatives: Optional[int] = None
     """K rejected responses per prompt; default: as many as the rows have (all rows must agree)."""
     label_smoothing: float = 0.0
@@ -106,8 +107,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Prompts per forward/backward on one process; gradients accumulate over
     batch_size / (micro_batch_size * processes) micro-batches (the last may be smaller)."""
-    lr: float = 3e-4
-    """Peak learning rate of the preference phase."""
+    lr: Optional[float] = None
+    """Peak learning rate of the preference phase. Default: 1e-4 for builtin:tiny-llama, else 1e-6
+    (TRL's DPO default, for pretrained models)."""
     warmup_steps: int = 10
     """Linear warm-up steps, then cosine decay to min_lr_ratio * lr."""
     min_lr_ratio: float = 0.1
@@ -130,7 +132,8 @@ class TrainConfig:
     sft_micro_batch_size: int = 32
     """Prompts per SFT forward/backward on one process."""
     sft_lr: float = 2e-3
-    """Peak learning rate of the SFT warm-up (same schedule shape as the preference phase)."""
+    """Peak learning rate of the SFT warm-up (same schedule shape as the preference phase); the
+    value suits builtin:tiny-llama from random weights: set it when warming up a pretrained model."""
     sft_warmup_steps: int = 20
     """Linear warm-up steps of the SFT phase."""
 
@@ -168,6 +171,16 @@ class TrainConfig:
             return self.threads
         return 1 if self.model == BUILTIN_MODEL else None
 
+    def resolved_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return 0.5 if self.model == BUILTIN_MODEL else 0.1
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.model == BUILTIN_MODEL else 1e-6
+
     def resolved_sft_steps(self) -> int:
         if self.sft_steps is not None:
             return self.sft_steps
@@ -191,12 +204,16 @@ class TrainConfig:
         for name in ("batch_size", "micro_batch_size", "sft_batch_size", "sft_micro_batch_size"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
         need(0 < self.max_prompt_length < self.max_length, "need 0 < max_prompt_length < max_length")
-        need(self.beta > 0, "beta must be > 0")
+        need(self.resolved_beta() > 0, "beta must be > 0")
+        need(self.resolved_lr() > 0 and self.sft_lr > 0, "learning rates must be > 0")
         need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every >= 0, keep_checkpoints >= 1")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, plus the values the None ("automatic") ones resolved to."""
+        return {**dataclasses.asdict(self), "resolved": {
+            "beta": self.resolved_beta(), "lr": self.resolved_lr(), "sft_steps": self.resolved_sft_steps(),
+            "threads": self.resolved_threads(), "eval_dataset": self.resolved_eval_dataset()}}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -6,7 +6,7 @@ decoding runs the same prompts on every process, so all of them stop at the same
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -91,8 +91,8 @@ def preference_metrics(logps: Tensor, ref_logps: Optional[Tensor], beta: float) 
 
 
 def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], tokenizer, loss_kwargs: dict,
-             batch_size: int, max_new_tokens: int, d: Dist, config=None) -> Dict[str, float]:
-    """Preference metrics and exact match of greedy answers on held-out examples.
+             batch_size: int, max_new_tokens: int, d: Dist, config=None) -> Tuple[Dict[str, float], List[str]]:
+    """(metrics, greedy continuations as text) on held-out examples.
 
     exact_match: the text after the last '####' of the greedy continuation equals the chosen
     response's (whitespace ignored); see data.final_answer.

@@ -108,7 +108,7 @@ class Trainer:
         bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
         self.bf16 = bf16
         self.model = parallelize(PreferenceModel(self.lm), d, bf16, cfg.activation_checkpointing)
-        self.loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, num_negatives=self.k,
+        self.loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.resolved_beta(), num_negatives=self.k,
                                 label_smoothing=cfg.label_smoothing, average_log_prob=cfg.average_log_prob,
                                 reference_free=cfg.reference == "none", sft_weight=cfg.sft_weight,
                                 ignore_index=-100, backend=cfg.backend)
@@ -116,7 +116,8 @@ class Trainer:
         self.phases = {
             "sft": PhaseSpec("sft", cfg.resolved_sft_steps(), cfg.sft_batch_size, cfg.sft_micro_batch_size,
                              cfg.sft_lr, cfg.sft_warmup_steps, 0),
-            "pref": PhaseSpec("pref", cfg.steps, cfg.batch_size, cfg.micro_batch_size, cfg.lr, cfg.warmup_steps, 1),
+            "pref": PhaseSpec("pref", cfg.steps, cfg.batch_size, cfg.micro_batch_size, cfg.resolved_lr(),
+                              cfg.warmup_steps, 1),
         }
         for spec in self.phases.values():
             if spec.steps and spec.batch_size % d.world_size:
@@ -382,7 +383,8 @@ class Trainer:
             self.state["eval_before"] = self.evaluate("before") if cfg.eval else None
 
         if self.state["phase"] == "pref":
-            self.log(f"preference training: loss_type={cfg.loss_type}, {cfg.steps} steps, reference={cfg.reference}")
+            self.log(f"preference training: loss_type={cfg.loss_type}, beta={cfg.resolved_beta()}, lr={cfg.resolved_lr()}, {cfg.steps} steps, "
+                     f"reference={cfg.reference}")
             self.train_phase(self.phases["pref"])
             self.state["eval_after"] = self.evaluate("after") if cfg.eval else None
             self.state.update(phase="done")
