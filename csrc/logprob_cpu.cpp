@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
+#include <vector>
 
 // The epilogue is bound by exp; per-ISA clones (picked at load time by CPU feature, so AMD
 // and Intel alike) let GCC vectorise it with AVX-512 / AVX2 while the extension itself stays
@@ -191,10 +193,11 @@ at::ScalarType acc_type_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc, int64_t* bytes) {
-  if (t.scalar_type() == acc) return t;
-  *bytes += t.numel() * static_cast<int64_t>(c10::elementSize(acc));
-  return t.to(acc);
+// t in `dtype`, adding the bytes of the copy (if one is made) to *bytes.
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype, int64_t* bytes) {
+  if (t.scalar_type() == dtype) return t;
+  *bytes += t.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+  return t.to(dtype);
 }
 
 // Z = Hc @ W^T (+ b) into the chunk buffer.
@@ -205,12 +208,15 @@ void chunk_logits(at::Tensor& Z, const at::Tensor& Hc, const at::Tensor& Wa, con
     at::mm_out(Z, Hc, Wa.t());
 }
 
-// The rows a pass computes (the others cost nothing), walked in chunks of up to `size`.
+// The token rows a pass computes (the others cost nothing), addressed by chunk: selected
+// rows [k0, k0 + n).
 class RowChunks {
  public:
   explicit RowChunks(std::vector<int64_t> rows) : rows_(std::move(rows)) {
     index_ = rows_.empty() ? at::empty({0}, at::kLong) : at::from_blob(rows_.data(), {count()}, at::kLong);
   }
+  RowChunks(const RowChunks&) = delete;  // index_ views rows_'s storage
+  RowChunks& operator=(const RowChunks&) = delete;
   int64_t count() const { return static_cast<int64_t>(rows_.size()); }
   const int64_t* rows(int64_t k0) const { return rows_.data() + k0; }
 
@@ -229,7 +235,7 @@ class RowChunks {
       h = hidden.index_select(0, index(k0, n));
       *tmp_bytes += h.numel() * static_cast<int64_t>(h.element_size());
     }
-    return as_acc(h, acc, tmp_bytes);
+    return converted(h, acc, tmp_bytes);
   }
 
  private:
@@ -244,7 +250,7 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptT
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = logp.scalar_type();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  WorkspaceStats stats;
+  WorkspaceStats info;
   // Ignored tokens (prompts, padding) have logp 0 and need no logits; their softmax
   // statistics are left 0 (backward never reads them).
   std::vector<int64_t> active;
@@ -252,20 +258,20 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptT
   for (int64_t i = 0; i < N; ++i)
     if (lab[i] != ignore_index) active.push_back(i);
   const RowChunks chunks(std::move(active));
-  stats.rows_skipped = N - chunks.count();
+  info.rows_skipped = N - chunks.count();
   if (chunks.count() == 0) {
-    last_stats() = stats;
+    last_stats() = info;
     return;
   }
   int64_t ws = 0;
-  const at::Tensor Wa = as_acc(weight, acc, &ws);  // once, O(V * H)
-  const at::Tensor ba = bias && bias->defined() ? as_acc(*bias, acc, &ws) : at::Tensor();
-  stats.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), chunks.count());
-  at::Tensor buf = at::empty({stats.chunk_rows, V}, hidden.options().dtype(acc));
-  stats.logits_bytes = buf.numel() * static_cast<int64_t>(sizeof(acc_t));
+  const at::Tensor Wa = converted(weight, acc, &ws);  // once, O(V * H)
+  const at::Tensor ba = bias && bias->defined() ? converted(*bias, acc, &ws) : at::Tensor();
+  info.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), chunks.count());
+  at::Tensor buf = at::empty({info.chunk_rows, V}, hidden.options().dtype(acc));
+  info.logits_bytes = buf.numel() * static_cast<int64_t>(sizeof(acc_t));
   int64_t chunk_tmp = 0;
-  for (int64_t k0 = 0; k0 < chunks.count(); k0 += stats.chunk_rows) {
-    const int64_t n = std::min(stats.chunk_rows, chunks.count() - k0);
+  for (int64_t k0 = 0; k0 < chunks.count(); k0 += info.chunk_rows) {
+    const int64_t n = std::min(info.chunk_rows, chunks.count() - k0);
     int64_t tmp = 0;
     const at::Tensor Hc = chunks.hidden_rows(hidden, k0, n, acc, &tmp);
     chunk_tmp = std::max(chunk_tmp, tmp);
@@ -273,10 +279,10 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptT
     chunk_logits(Z, Hc, Wa, ba);
     forward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab,
                             logp.data_ptr<acc_t>(), stats_out.data_ptr<acc_t>());
-    ++stats.num_chunks;
+    ++info.num_chunks;
   }
-  stats.workspace_bytes = ws + stats.logits_bytes + chunk_tmp;
-  last_stats() = stats;
+  info.workspace_bytes = ws + info.logits_bytes + chunk_tmp;
+  last_stats() = info;
 }
 
 template <typename acc_t>
@@ -285,9 +291,9 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const Opt
                    int64_t budget_bytes, at::Tensor& dH, at::Tensor& dW_acc, at::Tensor& db_acc) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
-  WorkspaceStats stats;
+  WorkspaceStats info;
   int64_t ws = 0;
-  const at::Tensor grad = as_acc(grad_in, acc, &ws).contiguous();
+  const at::Tensor grad = converted(grad_in, acc, &ws).contiguous();
   const acc_t* g = grad.data_ptr<acc_t>();
   const int64_t* lab = labels.data_ptr<int64_t>();
 
@@ -298,22 +304,22 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const Opt
   for (int64_t i = 0; i < N; ++i)
     if (lab[i] != ignore_index && g[i] != acc_t(0)) active.push_back(i);
   const RowChunks chunks(std::move(active));
-  stats.rows_skipped = N - chunks.count();
+  info.rows_skipped = N - chunks.count();
   if (chunks.count() == 0) {
-    last_stats() = stats;
+    last_stats() = info;
     return;
   }
 
-  const at::Tensor Wa = as_acc(weight, acc, &ws);
-  const at::Tensor ba = bias && bias->defined() ? as_acc(*bias, acc, &ws) : at::Tensor();
-  stats.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), chunks.count());
-  at::Tensor buf = at::empty({stats.chunk_rows, V}, hidden.options().dtype(acc));
-  stats.logits_bytes = buf.numel() * static_cast<int64_t>(sizeof(acc_t));
+  const at::Tensor Wa = converted(weight, acc, &ws);
+  const at::Tensor ba = bias && bias->defined() ? converted(*bias, acc, &ws) : at::Tensor();
+  info.chunk_rows = chunk_rows_for(budget_bytes, V, sizeof(acc_t), chunks.count());
+  at::Tensor buf = at::empty({info.chunk_rows, V}, hidden.options().dtype(acc));
+  info.logits_bytes = buf.numel() * static_cast<int64_t>(sizeof(acc_t));
   const int64_t elem = static_cast<int64_t>(sizeof(acc_t));
   int64_t chunk_tmp = 0;
 
-  for (int64_t k0 = 0; k0 < chunks.count(); k0 += stats.chunk_rows) {
-    const int64_t n = std::min(stats.chunk_rows, chunks.count() - k0);
+  for (int64_t k0 = 0; k0 < chunks.count(); k0 += info.chunk_rows) {
+    const int64_t n = std::min(info.chunk_rows, chunks.count() - k0);
     const bool run = chunks.is_run(k0, n);
     int64_t tmp = 0;
     const at::Tensor Hc = chunks.hidden_rows(hidden, k0, n, acc, &tmp);
@@ -328,10 +334,12 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const Opt
       } else {
         const at::Tensor dHc = at::mm(Z, Wa);
         tmp += dHc.numel() * elem;
-        if (run)
+        if (run) {
           dH.narrow(0, chunks.first_row(k0), n).copy_(dHc);
-        else
-          dH.index_copy_(0, chunks.index(k0, n), dHc.to(dH.scalar_type()));
+        } else {
+          const at::Tensor cast = converted(dHc, dH.scalar_type(), &tmp);
+          dH.index_copy_(0, chunks.index(k0, n), cast);
+        }
       }
     }
     if (dW_acc.defined()) dW_acc.addmm_(Z.t(), Hc);
@@ -341,10 +349,10 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const Opt
       db_acc.add_(col);
     }
     chunk_tmp = std::max(chunk_tmp, tmp);
-    ++stats.num_chunks;
+    ++info.num_chunks;
   }
-  stats.workspace_bytes = ws + stats.logits_bytes + chunk_tmp;
-  last_stats() = stats;
+  info.workspace_bytes = ws + info.logits_bytes + chunk_tmp;
+  last_stats() = info;
 }
 
 }  // namespace

@@ -197,7 +197,7 @@ def test_chunk_budget_bounds_the_largest_temporary(dtype):
         assert stats["chunk_rows"] == budget // (V * 4)
         assert stats["logits_bytes"] <= budget
         # the formula of native_backend's docstring
-        assert stats["workspace_bytes"] <= budget + 2 * per_param + 2 * stats["chunk_rows"] * H * 4 + V * 4
+        assert stats["workspace_bytes"] <= budget + 2 * per_param + 3 * stats["chunk_rows"] * H * 4 + V * 4
     # Independently: no single allocation (ours or ATen's inside the extension) exceeds the
     # budget or a parameter-sized fp32 buffer, and none is anywhere near N x V.
     largest = max(e.self_cpu_memory_usage for e in prof.events())

@@ -1,21 +1,21 @@
 """`native` kernel backend: the C++/CUDA extension `mio_kernels._C` (csrc/).
 
-Tokens are processed in chunks of R rows. Per chunk: logits Z = H_chunk @ W^T (+ b) by one
-ATen GEMM (CPU BLAS / cuBLAS) with fp32 accumulation (fp64 for fp64 inputs); a fused row
-epilogue (row max m, log sum exp(z - m), target gather -> per-token logp; m and the log-sum
-are saved apart as the softmax statistics [N, 2], since m + log-sum in one fp32 number loses
-~5e-4 at logits of ~1e4); in backward the same logits are recomputed, dZ = g * (onehot -
-softmax(Z)) is written over them in place (the CPU path recomputes each row's m and log-sum
-from them too, the CUDA path reads the saved ones), and
-dH_chunk = dZ @ W, dW += dZ^T @ H_chunk, db += sum_rows dZ follow as GEMMs into fp32
-accumulators, cast to the parameters' dtype at the end.
+Tokens are processed in chunks of R rows. Per chunk:
+  forward:  Z = H_chunk @ W^T (+ b), one ATen GEMM (CPU BLAS / cuBLAS) with fp32 accumulation
+            (fp64 for fp64 inputs); then a fused row epilogue: row max m, log sum exp(z - m),
+            target gather -> per-token logp. m and the log-sum are saved apart as the softmax
+            statistics [N, 2] (m + log-sum in one fp32 number loses ~5e-4 at logits of ~1e4).
+  backward: Z recomputed; dZ = g * (onehot - softmax(Z)) written over it in place (the CPU
+            path recomputes each row's m and log-sum from these logits, the CUDA path reads
+            the saved ones); then dH_chunk = dZ @ W, dW += dZ^T @ H_chunk, db += sum_rows dZ
+            as GEMMs into fp32 accumulators, cast to the parameters' dtype at the end.
 
 Memory bound (extra bytes beyond inputs and outputs; p = 4 for fp32/bf16/fp16, 8 for fp64):
     R = clamp(budget // (V * p), 1, N)                              rows per chunk
     logits buffer                    R * V * p                      (the budgeted temporary)
     bf16/fp16 on CPU, once           V * H * 4 (+ V * 4 bias)       fp32 copy of W (and b)
     bf16/fp16 backward               V * H * 4 (+ V * 4)            fp32 dW (db) accumulator
-    per chunk                        <= 2 * R * H * 4 + V * 4       upcast / gathered rows, dH rows, db rows
+    per chunk                        <= 3 * R * H * 4 + V * 4       gathered / upcast rows, dH rows, db row
     CUDA bf16/fp16 backward          + min(V, budget // (H * 4)) * H * 4   fp32 slab of dZ^T @ H_chunk
 i.e. O(R * V + V * H), never O(N * V). When one logits row exceeds the budget, R = 1.
 `last_workspace()` reports the buffer and the summed temporaries of the last call.
