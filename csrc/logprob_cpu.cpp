@@ -151,11 +151,15 @@ double row_sumexp(const float* z, int64_t V, float m) { return row_sumexp_f32(z,
 double row_exp_inplace(float* z, int64_t V, float m) { return row_exp_inplace_f32(z, V, m); }
 void row_scale(float* z, int64_t V, float c) { row_scale_f32(z, V, c); }
 
+// Rows per parallel task: small rows are batched so that a thread gets >= 32k logits (no
+// fork/join for a chunk smaller than that).
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, V)); }
+
 // Per row r = rows[i] of the chunk: logp[r] and stats[r] = (max, log sum exp(z - max)).
 template <typename acc_t>
 void forward_epilogue(const acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
                       const int64_t* labels, acc_t* logp, acc_t* stats) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
       const acc_t* z = Z + i * V;
@@ -177,7 +181,7 @@ void forward_epilogue(const acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
 template <typename acc_t>
 void backward_epilogue(acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
                        const int64_t* labels, const acc_t* grad) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
       acc_t* z = Z + i * V;

@@ -2,7 +2,6 @@
 oracle, for chunk-size independence, the chunk memory bound, thread determinism and row
 skipping; its CUDA epilogue compiled with plain nvcc; CUDA runtime checks where a GPU is.
 The exactness tests shared by every backend live in test_fused.py."""
-import os
 import shutil
 import subprocess
 import sys
