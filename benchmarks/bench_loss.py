@@ -357,13 +357,11 @@ def add_ratios(rows: List[dict], primary: str) -> None:
             row["memory_vs_ours"] = row["peak_extra_bytes"] / mine["peak_extra_bytes"]
 
 
-def measure_floors(shape: Shape, device: torch.device, dtype: torch.dtype, cache: dict) -> dict:
+def measure_floors(shape: Shape, device: torch.device, dtype: torch.dtype) -> dict:
+    """Measured right before the shape's cases (a shared machine's load changes during a sweep)."""
     m = min(shape.N, 8192 if device.type == "cuda" else 2048)
-    if (m, shape.H, shape.V) not in cache:
-        cache[(m, shape.H, shape.V)] = measure.gemm_rate(m, shape.H, shape.V, dtype, device)
-    if "bandwidth" not in cache:
-        cache["bandwidth"] = measure.copy_bandwidth(device, (2 << 30) if device.type == "cuda" else (512 << 20))
-    rate, bandwidth = cache[(m, shape.H, shape.V)], cache["bandwidth"]
+    rate = measure.gemm_rate(m, shape.H, shape.V, dtype, device, repeats=5)
+    bandwidth = measure.copy_bandwidth(device, (2 << 30) if device.type == "cuda" else (512 << 20))
     nbytes = measure.min_bytes(shape.N, shape.H, shape.V, torch.empty((), dtype=dtype).element_size())
     return {"gemm_flops_per_s": rate, "gemm_shape": [m, shape.H, shape.V],
             "compute_floor_s": measure.flops(shape.N, shape.H, shape.V) / rate,
@@ -453,7 +451,6 @@ def main(argv=None) -> dict:
     else:
         units = [Case(c.shape, (lt,)) for lt in losses for c in cases if lt in c.losses]
     started = time.monotonic()
-    floors_cache: dict = {}
     ref_cache: Dict[Shape, torch.Tensor] = {}
     current_loss = None
     for unit in units:
@@ -470,7 +467,7 @@ def main(argv=None) -> dict:
             current_loss = unit.losses[0]
         if "floors" not in entry and "floors_error" not in entry:
             try:
-                entry["floors"] = measure_floors(shape, device, dtype, floors_cache)
+                entry["floors"] = measure_floors(shape, device, dtype)
             except Exception as err:  # e.g. out of memory: the shape is reported without floors
                 entry["floors_error"] = first_line(err)
         inputs = None
