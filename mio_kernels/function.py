@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from mio_kernels.backends import get_backend, resolve_backend
 from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
-from mio_kernels.sequence import reduce_sequences
+from mio_kernels.sequence import reduce_sequences, result_dtype
 from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
                                     check_reference)
 
@@ -47,7 +47,7 @@ def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: i
     h, y = _flat(hidden, labels)
     d_hidden, d_weight, d_bias = get_backend(backend).backward(
         h, weight.contiguous(), None if bias is None else bias.contiguous(), y, softmax_stats,
-        grad_token_logp.reshape(-1).float(), ignore_index,
+        grad_token_logp.reshape(-1).to(softmax_stats.dtype), ignore_index,
         ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     if d_hidden is not None:
         d_hidden = d_hidden.view(hidden.shape)
@@ -67,8 +67,10 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
         objective = preference_objective(policy, ref_logps, cfg)
         ctx.save_for_backward(hidden, weight, bias, labels, softmax_stats, objective.seq_token_grad)
         ctx.cfg, ctx.backend = cfg, backend
-        ctx.mark_non_differentiable(policy.logps, objective.metrics)
-        return objective.loss, policy.logps, objective.metrics
+        out_dtype = result_dtype(hidden)
+        policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
+        ctx.mark_non_differentiable(policy_logps, metrics)
+        return objective.loss.to(out_dtype), policy_logps, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics):
@@ -156,6 +158,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                                                    None if ref_bias is None else ref_bias.detach(),
                                                    labels, ignore_index)
             ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized).logps
+            ref_logps = ref_logps.to(result_dtype(hidden))
             if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(

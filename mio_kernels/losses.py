@@ -61,9 +61,11 @@ def get_loss(name: str) -> LossSpec:
 def dpo_loss(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing: float = 0.0) -> PerPromptLoss:
     """DV / InfoNCE form: L = logsumexp(r_w, r_1..r_K) - r_w, r = beta*u. K=1: -log sigmoid(r_w - r_l)."""
     rewards = beta * torch.cat([u_chosen[None], u_rejected], dim=0)          # [K+1, P]
-    loss = torch.logsumexp(rewards, dim=0) - rewards[0]
-    weights = torch.softmax(rewards, dim=0)                                   # dL/dr_k = softmax_k - 1[k=w]
-    return PerPromptLoss(loss, beta * (weights[0] - 1.0), beta * weights[1:])
+    # = log(1 + sum_k e^(r_k - r_w)), written as softplus(logsumexp_k(r_k - r_w)) so that a tiny
+    # loss keeps its relative precision (log of 1 + tiny would not).
+    loss = F.softplus(torch.logsumexp(rewards[1:] - rewards[0], dim=0))
+    weights = torch.softmax(rewards, dim=0)[1:]             # dL/dr_k = softmax_k for each negative,
+    return PerPromptLoss(loss, -beta * weights.sum(0), beta * weights)  # dL/dr_w = softmax_w - 1 = -sum_k softmax_k
 
 
 def mio_loss(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing: float = 0.0) -> PerPromptLoss:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
-from mio_kernels.sequence import reduce_sequences
+from mio_kernels.sequence import reduce_sequences, result_dtype
 
 
 def reference_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
@@ -47,9 +47,10 @@ def reference_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         with torch.no_grad():
             ref_logps = reference_sequence_logps(ref_hidden, ref_weight, labels, ref_bias, cfg).logps
     objective = preference_objective(policy, ref_logps, cfg)
+    out_dtype = result_dtype(hidden)
     return MIOLossOutput(
-        loss=objective.loss,
-        policy_logps=policy.logps.detach(),
-        ref_logps=None if ref_logps is None else ref_logps.detach(),
-        metrics=metrics_dict(objective.metrics),
+        loss=objective.loss.to(out_dtype),
+        policy_logps=policy.logps.detach().to(out_dtype),
+        ref_logps=None if ref_logps is None else ref_logps.detach().to(out_dtype),
+        metrics=metrics_dict(objective.metrics.to(out_dtype)),
     )

@@ -70,7 +70,10 @@ def compare_to_oracle(backend, inputs, tol=None, **options):
     for name, (a, b) in pairs.items():
         assert a is not None and torch.isfinite(a).all(), f"{name} missing or non-finite"
         assert a.shape == b.shape, name
-        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-6)).item()
+        # A loss that crosses zero (robust, hinge, ipo) has no relative precision there: its error is
+        # measured against max(|L|, 0.01).
+        floor = 1e-2 if name == "loss" else 1e-6
+        err = ((a.double() - b).norm() / b.norm().clamp_min(floor)).item()
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol} ({dtype}, backend={backend})"
         worst = max(worst, err)
         key = f"{backend} {str(dtype).replace('torch.', '')}"
@@ -180,7 +183,7 @@ def test_mio_at_zero_rewards_is_ln4_end_to_end(backend):
     policy = fused_mio_loss(**inputs, reference_free=True, backend=backend).policy_logps
     out = fused_mio_loss(**inputs, ref_logps=policy, backend=backend)  # u = 0 for every row
     assert abs(out.loss.item() - LN4) < 1e-6
-    assert out.metrics["rewards/margins"].item() == 0.0
+    assert abs(out.metrics["rewards/margins"].item()) < 1e-6  # policy_logps are the fp32 rounding of l
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

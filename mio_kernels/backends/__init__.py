@@ -3,9 +3,10 @@
 A kernel backend computes, for flattened tokens (N = S*T),
 
     forward(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, ignore_index)
-        -> logp [N] fp32 (0 where labels == ignore_index), softmax_stats (O(N) fp32, opaque to callers)
+        -> logp [N] fp32 (fp64 for fp64 inputs where a backend accepts them; 0 where labels ==
+           ignore_index), softmax_stats (O(N), opaque to callers)
 
-    backward(hidden, weight, bias, labels, softmax_stats, grad_logp [N] fp32, ignore_index,
+    backward(hidden, weight, bias, labels, softmax_stats, grad_logp [N] (softmax_stats' dtype), ignore_index,
              needs_hidden_grad, needs_weight_grad)
         -> d_hidden [N, H] (hidden's dtype) | None, d_weight [V, H] (weight's dtype) | None,
            d_bias [V] (bias's dtype) | None
