@@ -1,8 +1,8 @@
 """No tensor of N x V elements is ever allocated by the fused op (forward + backward).
 
 Deterministic: every tensor an ATen op produces is recorded through a TorchDispatchMode (kernel
-launchers, the autograd glue and the native extension's ATen calls all go through the
-dispatcher), and the largest (in bytes) must stay far below N * V fp32 logits.
+launchers and the autograd glue go through the dispatcher), and the largest (in bytes) must stay
+far below N * V fp32 logits.
 """
 import pytest
 import torch
