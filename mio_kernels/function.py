@@ -125,7 +125,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     Reference: ref_logps [S] (same reduction as policy_logps: a mean when length-normalised), or the
     reference model's ref_hidden [S, T, H_ref] + ref_weight [V, H_ref] (+ ref_bias), scored
     forward-only; neither with reference_free=True.
-    Loss formulas: losses.md. check_values: label range and NaN/inf checks, which cost two host
+    Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
     """
     cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,

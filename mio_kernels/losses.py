@@ -1,6 +1,6 @@
 """Preference losses as pure functions of per-sequence log-ratios, each with its closed-form gradient.
 
-Every formula here is the one in losses.md, written once. A loss takes
+Every formula of the project's loss specification is written here once. A loss takes
 
     u_chosen   [P]     log-ratio u(w) = l(w) - l_ref(w) of each prompt's chosen response
     u_rejected [K, P]  log-ratios of its K rejected responses

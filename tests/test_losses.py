@@ -1,5 +1,5 @@
 """The loss layer: every registered loss's closed-form gradient against autograd, and the
-identities losses.md states (ln 4, nca_pair, TRL's sigmoid DPO)."""
+identities the loss specification states (ln 4, nca_pair, TRL's sigmoid DPO)."""
 import math
 
 import pytest

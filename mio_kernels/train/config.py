@@ -80,7 +80,7 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- preference loss
     loss_type: str = "mio"
-    """mio | dpo | ipo | hinge | robust | bco_pair | sppo_hard | apo_zero (see losses.md)."""
+    """mio | dpo | ipo | hinge | robust | bco_pair | sppo_hard | apo_zero (formulas: mio_kernels/losses.py)."""
     beta: Optional[float] = None
     """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x)). Default: 0.1 (TRL's), but 0.5
     for builtin:tiny-llama (on the embedded job 0.1 let both losses drift the chosen likelihood down)."""
