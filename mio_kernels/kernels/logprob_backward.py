@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from mio_kernels.kernels.config import backward_config, dot_precision, upcast_on_load
+from mio_kernels.kernels.tile import logit_tile
 
 
 @triton.jit
@@ -48,20 +49,8 @@ def logprob_backward_kernel(
     dh_rows = DH + offs_n.to(tl.int64)[:, None] * stride_dhn
     dw_rows = DW + offs_v.to(tl.int64)[:, None] * stride_dwv
     if tl.max(tl.abs(g), axis=0) > 0.0:
-        logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            h = tl.load(h_rows + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(w_rows + offs_d[None, :],
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        logits = logit_tile(h_rows, w_rows, B, offs_v, mask_n, mask_v, D, HAS_BIAS, UPCAST, DOT_PRECISION,
+                            BLOCK_N, BLOCK_V, BLOCK_D)
 
         labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
         row_max = tl.load(ROW_MAX + offs_n, mask=mask_n, other=float("inf"))  # rows past N: probs = 0

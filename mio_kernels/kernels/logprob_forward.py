@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from mio_kernels.kernels.config import dot_precision, forward_config, new_output, upcast_on_load
+from mio_kernels.kernels.tile import logit_tile
 
 
 @triton.jit
@@ -42,20 +43,8 @@ def logprob_forward_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         w_rows = W + offs_v.to(tl.int64)[:, None] * stride_wv
-        logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            h = tl.load(h_rows + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(w_rows + offs_d[None, :],
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-            if UPCAST:  # the interpreter's bf16 arithmetic is wrong: upcast right after load
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        logits = logit_tile(h_rows, w_rows, B, offs_v, mask_n, mask_v, D, HAS_BIAS, UPCAST, DOT_PRECISION,
+                            BLOCK_N, BLOCK_V, BLOCK_D)
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
 
         # Online logsumexp: every split holds >= 1 valid column, so new_max is finite.
