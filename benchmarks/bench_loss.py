@@ -251,6 +251,7 @@ def run_impl(impl: Impl, case: Case, settings: dict, store: TargetStore, role: s
             row["tflops"] = measure.flops(shape.N, shape.H, shape.V) / row["median_s"] / 1e12
             row["status"] = "ok"
             row["load_avg_1m"] = measure.load_average()
+            row["native_build"] = measure.native_build()
             del step
         except Exception as err:  # one failing case must not end the sweep
             row.update(status="oom" if _is_oom(err) else "error", reason=first_line(err))

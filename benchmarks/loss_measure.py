@@ -200,6 +200,20 @@ def _git_commit(repo_dir: str) -> Optional[str]:
     return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
+def native_build() -> Optional[str]:
+    """A short hash of the built native extension (mio_kernels._C), to tell builds apart across processes."""
+    import hashlib
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("mio_kernels._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
 def load_average() -> Optional[float]:
     try:
         return round(os.getloadavg()[0], 2)
@@ -220,6 +234,7 @@ def environment(device: torch.device, repo_dir: str) -> Dict[str, object]:
         "liger_kernel": _version("liger-kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy"),
         "torch_threads": torch.get_num_threads(),
+        "native_build": native_build(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda

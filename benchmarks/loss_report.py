@@ -67,6 +67,10 @@ def markdown(result: dict) -> str:
         f"bandwidth.",
         "",
     ]
+    builds = sorted({r["native_build"] for r in result["rows"] if r.get("native_build")})
+    if len(builds) > 1:
+        out += [f"**Warning:** the native extension was rebuilt during this run (builds {', '.join(builds)}): "
+                f"rows measured with different builds are mixed.", ""]
     out.append(summary(result))
     rows_by_shape = defaultdict(list)
     for row in result["rows"]:
