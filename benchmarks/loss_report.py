@@ -182,9 +182,12 @@ def plot(path: str, result: dict, loss: str = "mio") -> bool:
         for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median)"), (ax_m, "peak extra memory, MiB")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xticks(sorted({m[vary] for m in members}))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(vary + (" (sequence length)" if vary == "T" else " (vocabulary)"))
             ax.set_ylabel(ylabel)
             ax.set_title(f"{loss}, {desc}", fontsize=10)
