@@ -49,3 +49,15 @@ def test_disagreeing_case_is_flagged():
     assert bench_loss.compare(loss, None, inputs, target, torch.float32)["status"] == "ok"
     target["d_weight"] = target["d_weight"] + 1.0
     assert bench_loss.compare(loss, None, inputs, target, torch.float32)["status"] == "FLAGGED"
+
+
+def test_missing_peer_is_reported_skipped(tmp_path, monkeypatch):
+    import loss_impls
+    monkeypatch.setitem(loss_impls.PEER_PACKAGES, "liger", "no-such-distribution-for-the-test")
+    argv = ["--device", "cpu", "--shapes", "2x16x8x64", "--impls", "naive,liger", "--ours", "reference",
+            "--losses", "mio", "--repeats", "1", "--min-time", "0", "--in-process", "--out", str(tmp_path),
+            "--tag", "smoke", "--no-plot"]
+    rows = bench_loss.main(argv)["rows"]
+    liger = [r for r in rows if r["impl"] == "liger"]
+    assert len(liger) == 1 and liger[0]["status"] == "skipped" and "not installed" in liger[0]["reason"]
+    assert "skipped: liger-kernel not installed" in (tmp_path / "smoke.md").read_text()
