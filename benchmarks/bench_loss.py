@@ -396,7 +396,8 @@ def parse_args(argv=None):
     p.add_argument("--ours", default=None, help="the backend of ours every row is checked against and compared "
                    "with: triton, native or reference (default: the first available of triton, native, reference)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case, at least (default: 3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up runs, the first also checks (default: 1 CPU, 2 CUDA)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up runs, the first also checks (default: 1 CPU, 2 CUDA)")
     p.add_argument("--min-time", type=float, default=None,
                    help="small shapes: keep timing until the runs add up to this many seconds (default 1, 0.3 "
                         "with --quick)")
@@ -432,7 +433,8 @@ def main(argv=None) -> dict:
     settings = {
         "device": str(device), "dtype": dtype_name, "beta": args.beta, "seed": args.seed,
         "repeats": args.repeats or 3, "warmup": max(1, args.warmup or (2 if on_cuda else 1)),
-        "min_time_s": args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0), "threads": torch.get_num_threads(), "ours_primary": primary, "quick": args.quick,
+        "min_time_s": args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0),
+        "threads": torch.get_num_threads(), "ours_primary": primary, "quick": args.quick,
         "free_target": any(i.target == "free" for i in impls),
         "memory_method": ("CUDA max_memory_allocated" if on_cuda else
                           "peak RSS of a fresh process per case" if subprocesses else "peak RSS in-process"),
@@ -441,8 +443,9 @@ def main(argv=None) -> dict:
     }
     paths = output_paths(args, device)
     result = {"schema": 1, "environment": measure.environment(device, REPO), "settings": settings,
-              "shapes": [dict(c.shape.as_dict(), losses=list(c.losses), flop=measure.flops(c.shape.N, c.shape.H, c.shape.V))
-                         for c in cases], "rows": []}
+              "shapes": [dict(c.shape.as_dict(), losses=list(c.losses),
+                              flop=measure.flops(c.shape.N, c.shape.H, c.shape.V)) for c in cases],
+              "rows": []}
     entries = {c.shape: e for c, e in zip(cases, result["shapes"])}
     # A fresh process per case (shape, loss, implementation) on CPU. In one process (CUDA), loss-major,
     # so that compiled peers recompile only when the loss changes or a new shape needs it (dynamic

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -59,11 +58,13 @@ def markdown(result: dict) -> str:
         f"included. `TFLOP/s` counts 8·N·H·V. Ratios are this row / ours (`{primary}`) for the same shape and loss "
         f"(time > 1: slower than ours; memory > 1: more than ours). `check`: loss and gradients against ours "
         f"before timing (relative errors of the sequence log-probs ℓ, the loss, dH and dW; the loss and gradients "
-        f"are allowed 2·β·max|Δℓ| on top of their tolerance, since u = ℓ − ℓ_ref amplifies rounding in ℓ); Liger runs reference-free (0.8.5 takes no "
+        f"are allowed 2·β·max|Δℓ| on top of their tolerance, since u = ℓ − ℓ_ref amplifies rounding in ℓ); "
+        f"Liger runs reference-free (0.8.5 takes no "
         f"precomputed reference log-probs) and is checked against ours with reference_free=True — the same "
         f"FLOPs and memory. Floors, measured before each shape's cases: 8·N·H·V at the {settings['dtype']} GEMM "
         f"rate of torch.matmul [M,H]×[H,V] (implementations that keep the logits instead of recomputing them do "
-        f"6·N·H·V and can beat it); unavoidable bytes (read hidden and weight twice, write dH and dW) at the measured copy "
+        f"6·N·H·V and can beat it); unavoidable bytes (read hidden and weight twice, write dH and dW) at the "
+        f"measured copy "
         f"bandwidth.",
         "",
     ]
@@ -111,7 +112,8 @@ def summary(result: dict) -> str:
     primary = result["settings"]["ours_primary"]
     out = [f"**At the largest shape, {key} (N={biggest['N']:,}):** time and peak extra memory of each "
            f"implementation, and their ratios to ours (`{primary}`) and to naive.", "",
-           "| loss | implementation | fwd+bwd ms | peak MiB | time / ours | memory / ours | time / naive | memory / naive |",
+           "| loss | implementation | fwd+bwd ms | peak MiB | time / ours | memory / ours | time / naive "
+           "| memory / naive |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for loss in biggest["losses"]:
         rows = [r for r in result["rows"] if shape_key(r["shape"]) == key and r["loss"] == loss]
@@ -202,6 +204,3 @@ def plot(path: str, result: dict, loss: str = "mio") -> bool:
     plt.close(fig)
     return True
 
-
-def finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
