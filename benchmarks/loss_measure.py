@@ -133,14 +133,21 @@ def peak_extra_bytes(run: Callable[[], None], device: torch.device) -> Dict[str,
 # Floors: what the hardware allows for one shape.
 
 
-def gemm_rate(m: int, h: int, v: int, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
-    """Best FLOP/s of torch.matmul [m, h] @ [h, v] (the LM-head forward GEMM) in `dtype`."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, h, generator=gen).to(device, dtype)
-    b = torch.randn(v, h, generator=gen).to(device, dtype)
-    torch.matmul(a, b.T)                       # warm-up
-    best = min(time_runs(lambda: torch.matmul(a, b.T), device, repeats))
-    return 2.0 * m * h * v / best
+def gemm_rates(m: int, h: int, v: int, dtype: torch.dtype, device: torch.device,
+               repeats: int = 3) -> Dict[str, float]:
+    """Best FLOP/s of torch.matmul in `dtype` for the three GEMM shapes of the LM head on m tokens:
+    logits [m,H]x[H,V], dH = dZ [m,V] x W [V,H], dW = dZ^T [V,m] x hidden [m,H]."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(m, h, generator=gen, device=device).to(dtype)
+    weight = torch.randn(v, h, generator=gen, device=device).to(dtype)
+    d_logits = torch.randn(m, v, generator=gen, device=device).to(dtype)
+    shapes = {"logits": lambda: hidden @ weight.T, "d_hidden": lambda: d_logits @ weight,
+              "d_weight": lambda: d_logits.T @ hidden}
+    rates = {}
+    for name, fn in shapes.items():
+        fn()                                   # warm-up
+        rates[name] = 2.0 * m * h * v / min(time_runs(fn, device, repeats))
+    return rates
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:

@@ -61,9 +61,10 @@ def markdown(result: dict) -> str:
         f"are allowed 2·β·max|Δℓ| on top of their tolerance, since u = ℓ − ℓ_ref amplifies rounding in ℓ); "
         f"Liger runs reference-free (0.8.5 takes no "
         f"precomputed reference log-probs) and is checked against ours with reference_free=True — the same "
-        f"FLOPs and memory. Floors, measured before each shape's cases: 8·N·H·V at the {settings['dtype']} GEMM "
-        f"rate of torch.matmul [M,H]×[H,V] (implementations that keep the logits instead of recomputing them do "
-        f"6·N·H·V and can beat it); unavoidable bytes (read hidden and weight twice, write dH and dW) at the "
+        f"FLOPs and memory. Floors, measured before each shape's cases: 8·N·H·V at the best {settings['dtype']} "
+        f"rate of torch.matmul over the three LM-head GEMM shapes on M = min(N, 2048 CPU / 8192 GPU) tokens "
+        f"(logits, dH, dW; implementations that keep the logits instead of recomputing them do 6·N·H·V); "
+        f"unavoidable bytes (read hidden and weight twice, write dH and dW) at the "
         f"measured copy "
         f"bandwidth.",
         "",
@@ -82,8 +83,11 @@ def markdown(result: dict) -> str:
         out.append(f"### {key} (N={shape['N']:,} tokens, 8·N·H·V = {shape['flop'] / 1e12:.3g} TFLOP)")
         out.append("")
         if fl:
+            by_shape = fl.get("gemm_flops_per_s_by_shape", {})
+            detail = (" (logits " + ", dH ".join(f"{by_shape[k] / 1e12:.3g}" for k in ("logits", "d_hidden"))
+                      + f", dW {by_shape['d_weight'] / 1e12:.3g})") if len(by_shape) == 3 else ""
             out.append(f"Floors: compute {_ms(fl['compute_floor_s'])} ms at {fl['gemm_flops_per_s'] / 1e12:.3g} "
-                       f"TFLOP/s; memory traffic {_ms(fl['memory_floor_s'])} ms for {fl['min_bytes'] / MIB:,.0f} MiB "
+                       f"TFLOP/s{detail}; memory traffic {_ms(fl['memory_floor_s'])} ms for {fl['min_bytes'] / MIB:,.0f} MiB "
                        f"at {fl['bandwidth_bytes_per_s'] / 1e9:.3g} GB/s.")
             out.append("")
         out.append("| loss | implementation | fwd+bwd ms, median [min, max] | peak MiB | TFLOP/s | "
