@@ -8,8 +8,8 @@
 
 namespace {
 
-void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const mio::OptTensor& bias,
-                  const at::Tensor& labels) {
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                  const mio::OptTensor& bias) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [N, H] and weight [V, H]");
   TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [N, H] and weight [V, H] disagree on H: ",
               hidden.size(1), " vs ", weight.size(1));
@@ -41,27 +41,27 @@ void check_labels_cpu(const at::Tensor& labels, int64_t vocab, int64_t ignore_in
 }
 
 std::vector<at::Tensor> logprob_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                        const mio::OptTensor& bias, const at::Tensor& labels,
+                                        const at::Tensor& labels, const mio::OptTensor& bias,
                                         int64_t ignore_index, int64_t budget_bytes) {
-  check_inputs(hidden, weight, bias, labels);
+  check_inputs(hidden, weight, labels, bias);
   if (hidden.is_cuda()) {
 #ifdef MIO_WITH_CUDA
-    return mio::forward_cuda(hidden, weight, bias, labels, ignore_index, budget_bytes);
+    return mio::forward_cuda(hidden, weight, labels, bias, ignore_index, budget_bytes);
 #else
     TORCH_CHECK(false, "mio_kernels._C was built without its CUDA sources");
 #endif
   }
   TORCH_CHECK(hidden.is_cpu(), "native backend runs on cpu and cuda, got ", hidden.device());
   check_labels_cpu(labels, weight.size(0), ignore_index);
-  return mio::forward_cpu(hidden, weight, bias, labels, ignore_index, budget_bytes);
+  return mio::forward_cpu(hidden, weight, labels, bias, ignore_index, budget_bytes);
 }
 
 std::vector<at::Tensor> logprob_backward(const at::Tensor& hidden, const at::Tensor& weight,
-                                         const mio::OptTensor& bias, const at::Tensor& labels,
+                                         const at::Tensor& labels, const mio::OptTensor& bias,
                                          const at::Tensor& stats, const at::Tensor& grad_logp,
                                          int64_t ignore_index, bool need_dh, bool need_dw,
                                          int64_t budget_bytes) {
-  check_inputs(hidden, weight, bias, labels);
+  check_inputs(hidden, weight, labels, bias);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == hidden.size(0) && stats.size(1) == 2,
               "softmax stats must be the [N, 2] tensor that logprob_forward returned");
   TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == hidden.size(0), "grad_logp must be [N]");
@@ -71,7 +71,7 @@ std::vector<at::Tensor> logprob_backward(const at::Tensor& hidden, const at::Ten
               "softmax stats and grad_logp must be floating point");
   if (hidden.is_cuda()) {
 #ifdef MIO_WITH_CUDA
-    return mio::backward_cuda(hidden, weight, bias, labels, stats, grad_logp, ignore_index, need_dh,
+    return mio::backward_cuda(hidden, weight, labels, bias, stats, grad_logp, ignore_index, need_dh,
                               need_dw, budget_bytes);
 #else
     TORCH_CHECK(false, "mio_kernels._C was built without its CUDA sources");
@@ -79,7 +79,7 @@ std::vector<at::Tensor> logprob_backward(const at::Tensor& hidden, const at::Ten
   }
   TORCH_CHECK(hidden.is_cpu(), "native backend runs on cpu and cuda, got ", hidden.device());
   check_labels_cpu(labels, weight.size(0), ignore_index);
-  return mio::backward_cpu(hidden, weight, bias, labels, stats, grad_logp, ignore_index, need_dh,
+  return mio::backward_cpu(hidden, weight, labels, bias, stats, grad_logp, ignore_index, need_dh,
                            need_dw, budget_bytes);
 }
 
@@ -99,10 +99,10 @@ pybind11::dict last_workspace() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mio-kernels native backend: chunked LM-head log-probs (CPU, and CUDA when built with it)";
   m.def("logprob_forward", &logprob_forward, "-> [logp [N], softmax stats [N, 2]]", py::arg("hidden"),
-        py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("ignore_index"),
+        py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"),
         py::arg("budget_bytes"));
   m.def("logprob_backward", &logprob_backward, "-> [dH | None, dW | None, db | None]",
-        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("softmax_stats"),
+        py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("softmax_stats"),
         py::arg("grad_logp"), py::arg("ignore_index"), py::arg("need_hidden_grad"),
         py::arg("need_weight_grad"), py::arg("budget_bytes"));
   m.def("last_workspace", &last_workspace, "what the last call allocated (bytes, chunk rows)");

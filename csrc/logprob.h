@@ -35,25 +35,25 @@ using OptTensor = std::optional<at::Tensor>;
 // fp32); stats holds each row's max m and log sum exp(z - m) apart (m + log-sum in one fp32
 // number loses ~5e-4 at logits of ~1e4).
 std::vector<at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                    const OptTensor& bias, const at::Tensor& labels,
+                                    const at::Tensor& labels, const OptTensor& bias,
                                     int64_t ignore_index, int64_t budget_bytes);
 
 // Returns {dH | undefined, dW | undefined, db | undefined} in the parameters' dtypes.
 // The CPU path recomputes each row's statistics (cheap next to the GEMMs) instead of
 // reading `stats`; the CUDA path reads them.
 std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const OptTensor& bias, const at::Tensor& labels,
+                                     const at::Tensor& labels, const OptTensor& bias,
                                      const at::Tensor& stats, const at::Tensor& grad_logp,
                                      int64_t ignore_index, bool need_dh, bool need_dw,
                                      int64_t budget_bytes);
 
 #ifdef MIO_WITH_CUDA
 std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const OptTensor& bias, const at::Tensor& labels,
+                                     const at::Tensor& labels, const OptTensor& bias,
                                      int64_t ignore_index, int64_t budget_bytes);
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                      const OptTensor& bias, const at::Tensor& labels,
+                                      const at::Tensor& labels, const OptTensor& bias,
                                       const at::Tensor& stats, const at::Tensor& grad_logp,
                                       int64_t ignore_index, bool need_dh, bool need_dw,
                                       int64_t budget_bytes);

@@ -248,8 +248,8 @@ class RowChunks {
 };
 
 template <typename acc_t>
-void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
-                  const at::Tensor& labels, int64_t ignore_index, int64_t budget_bytes,
+void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                  const OptTensor& bias, int64_t ignore_index, int64_t budget_bytes,
                   at::Tensor& logp, at::Tensor& stats_out) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = logp.scalar_type();
@@ -290,8 +290,8 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptT
 }
 
 template <typename acc_t>
-void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
-                   const at::Tensor& labels, const at::Tensor& grad_in, int64_t ignore_index,
+void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                   const OptTensor& bias, const at::Tensor& grad_in, int64_t ignore_index,
                    int64_t budget_bytes, at::Tensor& dH, at::Tensor& dW_acc, at::Tensor& db_acc) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -362,21 +362,21 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const Opt
 }  // namespace
 
 std::vector<at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                    const OptTensor& bias, const at::Tensor& labels,
+                                    const at::Tensor& labels, const OptTensor& bias,
                                     int64_t ignore_index, int64_t budget_bytes) {
   const at::ScalarType acc = acc_type_of(hidden);
   const int64_t N = hidden.size(0);
   at::Tensor logp = at::zeros({N}, hidden.options().dtype(acc));  // 0 at ignored tokens
   at::Tensor stats = at::zeros({N, 2}, hidden.options().dtype(acc));
   if (acc == at::kDouble)
-    forward_impl<double>(hidden, weight, bias, labels, ignore_index, budget_bytes, logp, stats);
+    forward_impl<double>(hidden, weight, labels, bias, ignore_index, budget_bytes, logp, stats);
   else
-    forward_impl<float>(hidden, weight, bias, labels, ignore_index, budget_bytes, logp, stats);
+    forward_impl<float>(hidden, weight, labels, bias, ignore_index, budget_bytes, logp, stats);
   return {logp, stats};
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const OptTensor& bias, const at::Tensor& labels,
+                                     const at::Tensor& labels, const OptTensor& bias,
                                      const at::Tensor& /*stats: recomputed from the logits*/,
                                      const at::Tensor& grad_logp, int64_t ignore_index, bool need_dh,
                                      bool need_dw, int64_t budget_bytes) {
@@ -394,10 +394,10 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor&
     return {dH, dW, db};
   }
   if (acc == at::kDouble)
-    backward_impl<double>(hidden, weight, bias, labels, grad_logp, ignore_index, budget_bytes, dH,
+    backward_impl<double>(hidden, weight, labels, bias, grad_logp, ignore_index, budget_bytes, dH,
                           dW_acc, db_acc);
   else
-    backward_impl<float>(hidden, weight, bias, labels, grad_logp, ignore_index, budget_bytes, dH,
+    backward_impl<float>(hidden, weight, labels, bias, grad_logp, ignore_index, budget_bytes, dH,
                          dW_acc, db_acc);
   if (need_dw) {
     const bool cast = weight.scalar_type() != acc;

@@ -8,64 +8,59 @@ Saved for backward: the inputs, the O(N) softmax statistics and the [S] factor. 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from mio_kernels.backends import get_backend, resolve_backend
-from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
+from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
 from mio_kernels.sequence import reduce_sequences, result_dtype
 from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
                                     check_reference)
 
 
-@dataclass
-class MIOLossOutput:
-    loss: Tensor                   # scalar, differentiable w.r.t. hidden, weight, bias
-    policy_logps: Tensor           # [S] detached sequence log-probs l(y)
-    ref_logps: Optional[Tensor]    # [S] detached reference log-probs (None when reference_free)
-    metrics: Dict[str, Tensor]     # detached 0-dim tensors, TRL names (call .item() at log time)
-
-
 def _flat(hidden: Tensor, labels: Tensor):
     return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).contiguous().long()
 
 
-def _kernel_token_logprobs(backend: str, hidden, weight, bias, labels, ignore_index):
-    """Forward kernel only: per-token log-probs shaped like labels, and the backend's O(N) softmax statistics."""
+def _contiguous(bias: Optional[Tensor]) -> Optional[Tensor]:
+    return None if bias is None else bias.contiguous()
+
+
+def _kernel_token_logprobs(backend: str, hidden, weight, labels, bias, ignore_index):
+    """Forward kernel only: per-token log-probs shaped like labels, and softmax_stats [N, 2]."""
     h, y = _flat(hidden, labels)
-    logp, softmax_stats = get_backend(backend).forward(h, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                             y, ignore_index)
+    logp, softmax_stats = get_backend(backend).forward(h, weight.contiguous(), y, _contiguous(bias), ignore_index)
     return logp.view(labels.shape), softmax_stats
 
 
 def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: int):
-    hidden, weight, bias, labels, softmax_stats = ctx.saved_tensors[:5]
+    """-> (d_hidden, d_weight, d_bias) for inputs saved as (hidden, weight, labels, bias, softmax_stats, ...)."""
+    hidden, weight, labels, bias, softmax_stats = ctx.saved_tensors[:5]
     h, y = _flat(hidden, labels)
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     d_hidden, d_weight, d_bias = get_backend(backend).backward(
-        h, weight.contiguous(), None if bias is None else bias.contiguous(), y, softmax_stats,
-        grad_token_logp.reshape(-1).to(softmax_stats.dtype), ignore_index,
-        ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        h, weight.contiguous(), y, _contiguous(bias), softmax_stats,
+        grad_token_logp.reshape(-1).to(softmax_stats.dtype), ignore_index, needs_hidden, needs_weight or needs_bias)
     if d_hidden is not None:
         d_hidden = d_hidden.view(hidden.shape)
-    return d_hidden, (d_weight if ctx.needs_input_grad[1] else None), (d_bias if ctx.needs_input_grad[2] else None)
+    return d_hidden, (d_weight if needs_weight else None), (d_bias if needs_bias else None)
 
 
 class FusedPreferenceLossFunction(torch.autograd.Function):
-    """(hidden, weight, bias, labels, ref_logps, cfg, backend, check_values) -> (loss, policy_logps, metrics)."""
+    """(hidden, weight, labels, bias, ref_logps, cfg, backend, check_values) -> (loss, policy_logps, metrics)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_logps, cfg: PreferenceConfig, backend: str,
+    def forward(ctx, hidden, weight, labels, bias, ref_logps, cfg: PreferenceConfig, backend: str,
                 check_values: bool):
-        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, bias, labels, cfg.ignore_index)
+        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, cfg.ignore_index)
         policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
         if check_values:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
         objective = preference_objective(policy, ref_logps, cfg)
-        ctx.save_for_backward(hidden, weight, bias, labels, softmax_stats, objective.seq_token_grad)
+        ctx.save_for_backward(hidden, weight, labels, bias, softmax_stats, objective.seq_token_grad)
         ctx.cfg, ctx.backend = cfg, backend
         out_dtype = result_dtype(hidden)
         policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
@@ -75,25 +70,26 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics):
         seq_token_grad = ctx.saved_tensors[5]
-        labels = ctx.saved_tensors[3]
+        labels = ctx.saved_tensors[2]
         grad_token_logp = (grad_loss * seq_token_grad)[:, None].expand(labels.shape)
         d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return d_hidden, d_weight, None, d_bias, None, None, None, None
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """(hidden, weight, bias, labels, ignore_index, backend) -> per-token log-probs, any upstream grad."""
+    """(hidden, weight, labels, bias, ignore_index, backend) -> per-token log-probs, any upstream grad."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, backend: str):
-        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, bias, labels, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, labels, softmax_stats)
+    def forward(ctx, hidden, weight, labels, bias, ignore_index: int, backend: str):
+        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, ignore_index)
+        ctx.save_for_backward(hidden, weight, labels, bias, softmax_stats)
         ctx.ignore_index, ctx.backend = ignore_index, backend
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_token_logps):
-        return (*_kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index), None, None, None)
+        d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index)
+        return d_hidden, d_weight, None, d_bias, None, None
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
@@ -107,7 +103,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Option
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference_token_logprobs(hidden, weight, labels.long(), bias, ignore_index)
-    return LinearLogprobsFunction.apply(hidden, weight, bias, labels.long(), ignore_index, backend)
+    return LinearLogprobsFunction.apply(hidden, weight, labels.long(), bias, ignore_index, backend)
 
 
 def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
@@ -154,15 +150,14 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
 
     if ref_hidden is not None:
         with torch.no_grad():  # the reference model runs the forward kernel only
-            ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(),
-                                                   None if ref_bias is None else ref_bias.detach(),
-                                                   labels, ignore_index)
+            ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(), labels,
+                                                   None if ref_bias is None else ref_bias.detach(), ignore_index)
             ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized).logps
             ref_logps = ref_logps.to(result_dtype(hidden))
             if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
-        hidden, weight, bias, labels, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_values)
+        hidden, weight, labels, bias, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_values)
     return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics))
 
 

@@ -39,6 +39,16 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
                 "logps/chosen", "logps/rejected", "nll")
 
 
+@dataclass
+class MIOLossOutput:
+    """What fused_mio_loss (and the reference oracle) return; defined here so both import it."""
+
+    loss: Tensor                   # scalar, differentiable w.r.t. hidden, weight, bias
+    policy_logps: Tensor           # [S] detached sequence log-probs l(y)
+    ref_logps: Optional[Tensor]    # [S] detached reference log-probs (None when reference_free)
+    metrics: Dict[str, Tensor]     # detached 0-dim tensors, TRL names (call .item() at log time)
+
+
 class Objective(NamedTuple):
     loss: Tensor            # scalar; differentiable w.r.t. the policy log-probs it was given
     seq_token_grad: Tensor  # [S] dL/dlogp_t for every scored token t of each sequence (detached)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
+from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.sequence import reduce_sequences, result_dtype
 
 
@@ -39,8 +39,6 @@ def reference_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                               ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                               **options):
     """Same arguments and result as `fused_mio_loss`, computed naively. Does not validate inputs."""
-    from mio_kernels.function import MIOLossOutput  # the result type lives with the public op
-
     cfg = PreferenceConfig(**options)
     policy = reference_sequence_logps(hidden, weight, labels, bias, cfg)
     if ref_logps is None and ref_hidden is not None:

@@ -44,10 +44,10 @@ def make_inputs(N, H, V, dtype, *, bias=True, scale=1.0, ignore_frac=0.2, device
     grad = torch.randn(N, dtype=torch.float64)
     grad[labels == IGNORE] = 0.0
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(hidden), to(weight), to(b), to(labels), to(grad)
+    return to(hidden), to(weight), to(labels), to(b), to(grad)
 
 
-def oracle(hidden, weight, bias, labels, grad):
+def oracle(hidden, weight, labels, bias, grad):
     """float64 full logits -> log_softmax -> gather, gradients of sum(grad * logp) by autograd."""
     h = hidden.detach().cpu().double().requires_grad_()
     w = weight.detach().cpu().double().requires_grad_()
@@ -58,11 +58,11 @@ def oracle(hidden, weight, bias, labels, grad):
     return logp.detach(), torch.where(labels.cpu() == IGNORE, 0.0, lse), h.grad, w.grad, None if b is None else b.grad
 
 
-def run_native(hidden, weight, bias, labels, grad):
+def run_native(hidden, weight, labels, bias, grad):
     nb = NativeBackend()
-    logp, stats = nb.forward(hidden, weight, bias, labels, IGNORE)
+    logp, stats = nb.forward(hidden, weight, labels, bias, IGNORE)
     assert stats.shape == (hidden.shape[0], 2) and stats.dtype == logp.dtype
-    d_h, d_w, d_b = nb.backward(hidden, weight, bias, labels, stats, grad.to(logp.dtype), IGNORE, True, True)
+    d_h, d_w, d_b = nb.backward(hidden, weight, labels, bias, stats, grad.to(logp.dtype), IGNORE, True, True)
     lse = stats[:, 0].double() + stats[:, 1].double()  # row max + log sum exp(z - max)
     return logp, torch.where(labels == IGNORE, 0.0, lse), d_h, d_w, d_b  # CPU skips ignored rows
 
@@ -102,7 +102,7 @@ def test_matches_float64_oracle(shape, with_bias, dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert ours[0].dtype == acc  # and the softmax stats (run_native checks)
     assert ours[2].dtype == ours[3].dtype == dtype and (ours[4] is None or ours[4].dtype == dtype)
-    assert (ours[0][inputs[3] == IGNORE] == 0).all()
+    assert (ours[0][inputs[2] == IGNORE] == 0).all()
     assert_close_to_oracle(ours, oracle(*inputs), TOL[dtype], str(dtype))
 
 
@@ -116,7 +116,7 @@ def test_huge_logits(dtype):
     ours = run_native(*inputs)
     ref = oracle(*inputs)
     assert ref[0].abs().max() > 1e3
-    h, w, b, labels, grad = inputs
+    h, w, labels, b, grad = inputs
     if dtype == torch.float32:
         hf, wf, bf = (t.detach().clone().requires_grad_() for t in (h, w, b))
         lp = torch.log_softmax(hf @ wf.T + bf, -1).gather(1, labels.clamp_min(0)[:, None])[:, 0]
@@ -133,13 +133,13 @@ def test_huge_logits(dtype):
 
 @needs_ext
 def test_all_ignored_and_zero_grad():
-    h, w, b, labels, grad = make_inputs(20, 16, 1009, torch.float32)
+    h, w, labels, b, grad = make_inputs(20, 16, 1009, torch.float32)
     labels.fill_(IGNORE)
     grad.zero_()
     nb = NativeBackend()
-    logp, stats = nb.forward(h, w, b, labels, IGNORE)
+    logp, stats = nb.forward(h, w, labels, b, IGNORE)
     assert (logp == 0).all() and native_backend.last_workspace()["num_chunks"] == 0
-    d_h, d_w, d_b = nb.backward(h, w, b, labels, stats, grad.float(), IGNORE, True, True)
+    d_h, d_w, d_b = nb.backward(h, w, labels, b, stats, grad.float(), IGNORE, True, True)
     assert native_backend.last_workspace()["rows_skipped"] == 20
     assert native_backend.last_workspace()["num_chunks"] == 0
     assert (d_h == 0).all() and (d_w == 0).all() and (d_b == 0).all()
@@ -147,14 +147,14 @@ def test_all_ignored_and_zero_grad():
 
 @needs_ext
 def test_gradient_flags_and_bias():
-    h, w, b, labels, grad = make_inputs(9, 8, 300, torch.float32, bias=False)
+    h, w, labels, b, grad = make_inputs(9, 8, 300, torch.float32, bias=False)
     nb = NativeBackend()
-    _, stats = nb.forward(h, w, None, labels, IGNORE)
-    d_h, d_w, d_b = nb.backward(h, w, None, labels, stats, grad.float(), IGNORE, True, False)
+    _, stats = nb.forward(h, w, labels, None, IGNORE)
+    d_h, d_w, d_b = nb.backward(h, w, labels, None, stats, grad.float(), IGNORE, True, False)
     assert d_h is not None and d_w is None and d_b is None
-    d_h, d_w, d_b = nb.backward(h, w, None, labels, stats, grad.float(), IGNORE, False, True)
+    d_h, d_w, d_b = nb.backward(h, w, labels, None, stats, grad.float(), IGNORE, False, True)
     assert d_h is None and d_w is not None and d_b is None
-    assert nb.backward(h, w, None, labels, stats, grad.float(), IGNORE, False, False) == (None, None, None)
+    assert nb.backward(h, w, labels, None, stats, grad.float(), IGNORE, False, False) == (None, None, None)
 
 
 # ---------------------------------------------------------------- CPU: chunking, memory, threads
@@ -222,14 +222,14 @@ def test_fixed_threads_are_deterministic():
 @needs_ext
 def test_zero_gradient_rows_are_skipped():
     N, H, V = 120, 24, 1009
-    h, w, b, labels, grad = make_inputs(N, H, V, torch.float64)
+    h, w, labels, b, grad = make_inputs(N, H, V, torch.float64)
     grad[40:100] = 0.0  # a whole run of zero-gradient rows, plus scattered ignored ones
     set_chunk_budget_bytes(16 * V * 8)
-    ours = run_native(h, w, b, labels, grad)
+    ours = run_native(h, w, labels, b, grad)
     stats = native_backend.last_workspace()
     assert stats["rows_skipped"] == int((grad == 0).sum())
     assert stats["num_chunks"] == -(-(N - stats["rows_skipped"]) // 16)
-    assert_close_to_oracle(ours, oracle(h, w, b, labels, grad), TOL[torch.float64])
+    assert_close_to_oracle(ours, oracle(h, w, labels, b, grad), TOL[torch.float64])
 
 
 # ---------------------------------------------------------------- configuration and availability
@@ -289,6 +289,24 @@ def test_dispatch_picks_native_on_cpu():
     assert resolve_backend("native", torch.device("cpu")) == "native"
 
 
+def test_auto_fallback_to_reference_warns_once_with_the_reason(monkeypatch):
+    import warnings
+
+    from mio_kernels import backends
+
+    reason = "simulated: mio_kernels._C not built; build it with pip install"
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: reason)
+    monkeypatch.setattr(backends, "_warned_reference_fallback", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = backends.resolve_backend("auto", torch.device("cpu"))
+        second = backends.resolve_backend("auto", torch.device("cpu"))
+    assert first == second == "reference"
+    fallback = [w for w in caught if "full-logits reference" in str(w.message)]
+    assert len(fallback) == 1, [str(w.message) for w in caught]
+    assert reason in str(fallback[0].message) and "pip install --no-build-isolation" in str(fallback[0].message)
+
+
 # ---------------------------------------------------------------- CUDA epilogue: compile-only and runtime
 
 
@@ -339,8 +357,8 @@ def test_cuda_chunk_size_only_changes_rounding_and_matches_cpu(dtype):
 
 @needs_cuda
 def test_cuda_huge_logits_and_ignored_rows():
-    h, w, b, labels, grad = make_inputs(64, 32, 1009, torch.float32, scale=1e4, device="cuda")
+    h, w, labels, b, grad = make_inputs(64, 32, 1009, torch.float32, scale=1e4, device="cuda")
     labels[:10] = IGNORE
     grad[:10] = 0.0
-    logp, lse, d_h, d_w, d_b = run_native(h, w, b, labels, grad)
+    logp, lse, d_h, d_w, d_b = run_native(h, w, labels, b, grad)
     assert torch.isfinite(lse).all() and (logp[:10] == 0).all() and (d_h[:10] == 0).all()

@@ -49,7 +49,7 @@ const void* bias_ptr(const OptTensor& bias) {
 }  // namespace
 
 std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const OptTensor& bias, const at::Tensor& labels,
+                                     const at::Tensor& labels, const OptTensor& bias,
                                      int64_t ignore_index, int64_t budget_bytes) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -67,7 +67,7 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor&
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, hidden.narrow(0, r0, n), weight);
     C10_CUDA_CHECK(mio_cuda::forward_epilogue(
-        Z.data_ptr(), n, V, bias_ptr(bias), dtype_of(weight), labels.data_ptr<int64_t>() + r0,
+        Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight),
         ignore_index, logp.narrow(0, r0, n).data_ptr(), stats.narrow(0, r0, n).data_ptr(), stream));
     ++ws.num_chunks;
   }
@@ -76,7 +76,7 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor&
 }
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                      const OptTensor& bias, const at::Tensor& labels,
+                                      const at::Tensor& labels, const OptTensor& bias,
                                       const at::Tensor& stats_in, const at::Tensor& grad_in,
                                       int64_t ignore_index, bool need_dh, bool need_dw,
                                       int64_t budget_bytes) {
@@ -121,7 +121,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, weight);
     C10_CUDA_CHECK(mio_cuda::backward_epilogue(
-        Z.data_ptr(), n, V, bias_ptr(bias), dtype_of(weight), labels.data_ptr<int64_t>() + r0,
+        Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight),
         ignore_index, stats.narrow(0, r0, n).data_ptr(), grad.narrow(0, r0, n).data_ptr(), stream));
     // dZ [n, V] in the parameter dtype; a 16-bit row sits in the first half of its fp32 row.
     const at::Tensor dZ = narrow_dz ? Z.view(weight.scalar_type()).narrow(1, 0, V) : Z;

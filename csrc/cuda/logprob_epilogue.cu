@@ -64,8 +64,8 @@ __device__ void block_max_sum(A& m, A& s) {
 
 template <typename A, typename TB>
 __global__ void __launch_bounds__(kThreads)
-forward_kernel(const A* __restrict__ logits, int64_t vocab, const TB* __restrict__ bias,
-               const int64_t* __restrict__ labels, int64_t ignore_index, A* __restrict__ logp,
+forward_kernel(const A* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ labels,
+               const TB* __restrict__ bias, int64_t ignore_index, A* __restrict__ logp,
                A* __restrict__ stats) {
   const int64_t row = blockIdx.x;
   const A* z = logits + row * vocab;
@@ -109,8 +109,8 @@ forward_kernel(const A* __restrict__ logits, int64_t vocab, const TB* __restrict
 // between reading and writing; later sweeps read past everything written so far.
 template <typename A, typename TB, typename TO>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel(A* logits, int64_t vocab, const TB* __restrict__ bias,
-                const int64_t* __restrict__ labels, int64_t ignore_index,
+backward_kernel(A* logits, int64_t vocab, const int64_t* __restrict__ labels,
+                const TB* __restrict__ bias, int64_t ignore_index,
                 const A* __restrict__ stats, const A* __restrict__ grad) {
   const int64_t row = blockIdx.x;
   const A* z = logits + row * vocab;
@@ -133,49 +133,49 @@ backward_kernel(A* logits, int64_t vocab, const TB* __restrict__ bias,
 }
 
 template <typename A, typename TB>
-cudaError_t launch_forward(const void* logits, int64_t rows, int64_t vocab, const void* bias,
-                           const int64_t* labels, int64_t ignore_index, void* logp, void* stats,
+cudaError_t launch_forward(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
+                           const void* bias, int64_t ignore_index, void* logp, void* stats,
                            cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   forward_kernel<A, TB><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      static_cast<const A*>(logits), vocab, static_cast<const TB*>(bias), labels, ignore_index,
+      static_cast<const A*>(logits), vocab, labels, static_cast<const TB*>(bias), ignore_index,
       static_cast<A*>(logp), static_cast<A*>(stats));
   return cudaGetLastError();
 }
 
 template <typename A, typename T>
-cudaError_t launch_backward(void* logits, int64_t rows, int64_t vocab, const void* bias,
-                            const int64_t* labels, int64_t ignore_index, const void* stats,
+cudaError_t launch_backward(void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
+                            const void* bias, int64_t ignore_index, const void* stats,
                             const void* grad, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   backward_kernel<A, T, T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      static_cast<A*>(logits), vocab, static_cast<const T*>(bias), labels, ignore_index,
+      static_cast<A*>(logits), vocab, labels, static_cast<const T*>(bias), ignore_index,
       static_cast<const A*>(stats), static_cast<const A*>(grad));
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t forward_epilogue(const void* logits, int64_t rows, int64_t vocab, const void* bias,
-                             DType param, const int64_t* labels, int64_t ignore_index, void* logp,
+cudaError_t forward_epilogue(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
+                             const void* bias, DType param, int64_t ignore_index, void* logp,
                              void* stats, cudaStream_t stream) {
   switch (param) {
-    case DType::kFloat32: return launch_forward<float, float>(logits, rows, vocab, bias, labels, ignore_index, logp, stats, stream);
-    case DType::kFloat16: return launch_forward<float, __half>(logits, rows, vocab, bias, labels, ignore_index, logp, stats, stream);
-    case DType::kBFloat16: return launch_forward<float, __nv_bfloat16>(logits, rows, vocab, bias, labels, ignore_index, logp, stats, stream);
-    case DType::kFloat64: return launch_forward<double, double>(logits, rows, vocab, bias, labels, ignore_index, logp, stats, stream);
+    case DType::kFloat32: return launch_forward<float, float>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
+    case DType::kFloat16: return launch_forward<float, __half>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
+    case DType::kBFloat16: return launch_forward<float, __nv_bfloat16>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
+    case DType::kFloat64: return launch_forward<double, double>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t backward_epilogue(void* logits, int64_t rows, int64_t vocab, const void* bias,
-                              DType param, const int64_t* labels, int64_t ignore_index,
+cudaError_t backward_epilogue(void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
+                              const void* bias, DType param, int64_t ignore_index,
                               const void* stats, const void* grad, cudaStream_t stream) {
   switch (param) {
-    case DType::kFloat32: return launch_backward<float, float>(logits, rows, vocab, bias, labels, ignore_index, stats, grad, stream);
-    case DType::kFloat16: return launch_backward<float, __half>(logits, rows, vocab, bias, labels, ignore_index, stats, grad, stream);
-    case DType::kBFloat16: return launch_backward<float, __nv_bfloat16>(logits, rows, vocab, bias, labels, ignore_index, stats, grad, stream);
-    case DType::kFloat64: return launch_backward<double, double>(logits, rows, vocab, bias, labels, ignore_index, stats, grad, stream);
+    case DType::kFloat32: return launch_backward<float, float>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
+    case DType::kFloat16: return launch_backward<float, __half>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
+    case DType::kBFloat16: return launch_backward<float, __nv_bfloat16>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
+    case DType::kFloat64: return launch_backward<double, double>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -22,15 +22,15 @@ inline int64_t dz_row_stride(int64_t vocab, DType param) {
 
 // One block per row of logits [rows, vocab]: z = logits + bias, stats = (max, log-sum),
 // logp = (z[label] - max) - log-sum (0 at ignore_index, NaN for a label outside [0, vocab)).
-cudaError_t forward_epilogue(const void* logits, int64_t rows, int64_t vocab, const void* bias,
-                             DType param, const int64_t* labels, int64_t ignore_index, void* logp,
+cudaError_t forward_epilogue(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
+                             const void* bias, DType param, int64_t ignore_index, void* logp,
                              void* stats, cudaStream_t stream);
 
 // One block per row: dZ = grad * (onehot(label) - exp((z - max) - log-sum)) from forward's
 // stats (one read of the row), written in the parameter dtype over the logits buffer (row
 // stride dz_row_stride); rows with a zero grad or an ignored label get dZ = 0.
-cudaError_t backward_epilogue(void* logits, int64_t rows, int64_t vocab, const void* bias,
-                              DType param, const int64_t* labels, int64_t ignore_index,
+cudaError_t backward_epilogue(void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
+                              const void* bias, DType param, int64_t ignore_index,
                               const void* stats, const void* grad, cudaStream_t stream);
 
 }  // namespace mio_cuda

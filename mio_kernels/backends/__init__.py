@@ -2,11 +2,12 @@
 
 A kernel backend computes, for flattened tokens (N = S*T),
 
-    forward(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, ignore_index)
+    forward(hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None, ignore_index)
         -> logp [N] fp32 (fp64 for fp64 inputs where a backend accepts them; 0 where labels ==
-           ignore_index), softmax_stats (O(N), opaque to callers)
+           ignore_index), softmax_stats [N, 2] in logp's dtype: each row's max m and
+           log sum exp(z - m)
 
-    backward(hidden, weight, bias, labels, softmax_stats, grad_logp [N] (softmax_stats' dtype), ignore_index,
+    backward(hidden, weight, labels, bias, softmax_stats, grad_logp [N] (softmax_stats' dtype), ignore_index,
              needs_hidden_grad, needs_weight_grad)
         -> d_hidden [N, H] (hidden's dtype) | None, d_weight [V, H] (weight's dtype) | None,
            d_bias [V] (bias's dtype) | None
@@ -14,15 +15,17 @@ A kernel backend computes, for flattened tokens (N = S*T),
 with the gradient of sum_t grad_logp[t] * logp[t]:
     dZ = grad_logp[:, None] * (onehot(labels) - softmax(Z)),  Z = hidden @ weight.T + bias,
     d_hidden = dZ @ weight,  d_weight = dZ.T @ hidden,  d_bias = dZ.sum(0),
-without ever holding Z whole. grad_logp is 0 at ignored tokens. softmax_stats is whatever the
-backend's forward saved to rebuild softmax(Z) tiles: keep the row max and log-sum-exp(Z - max)
-apart (two fp32 numbers per token), since one fp32 lse = max + log(...) loses ~5e-4 at logits ~1e4.
+without ever holding Z whole. grad_logp is 0 at ignored tokens. softmax_stats is what the
+backend's forward saved to rebuild softmax(Z) tiles, in one layout for every backend: the row
+max and log-sum-exp(Z - max) kept apart (two numbers per token), since one fp32
+lse = max + log(...) loses ~5e-4 at logits ~1e4.
 
 "reference" is not a kernel backend: it is plain PyTorch autograd over full logits
 (`mio_kernels.reference`), the oracle for tests and the naive baseline for benchmarks.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Protocol, Tuple
 
 import torch
@@ -36,12 +39,15 @@ class KernelBackend(Protocol):
     def supports(self, device: torch.device) -> Optional[str]:
         """None if this backend can run on `device`, else the reason it cannot."""
 
-    def forward(self, hidden, weight, bias, labels, ignore_index) -> Tuple[torch.Tensor, torch.Tensor]:
-        ...
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                bias: Optional[torch.Tensor], ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (logp [N], softmax_stats [N, 2])."""
 
-    def backward(self, hidden, weight, bias, labels, lse, grad_logp, ignore_index,
-                 needs_hidden_grad, needs_weight_grad):
-        ...
+    def backward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 bias: Optional[torch.Tensor], softmax_stats: torch.Tensor, grad_logp: torch.Tensor,
+                 ignore_index: int, needs_hidden_grad: bool, needs_weight_grad: bool
+                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """-> (d_hidden | None, d_weight | None, d_bias | None)."""
 
 
 _LOADERS: Dict[str, Callable[[], KernelBackend]] = {}
@@ -67,18 +73,37 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     return backend.supports(device)
 
 
+_warned_reference_fallback = False
+
+
+def _warn_reference_fallback(reason: str) -> None:
+    """backend='auto' found no kernel backend: say so once per process, since the reference
+    holds the whole N x V logits (and autograd keeps them again)."""
+    global _warned_reference_fallback
+    if _warned_reference_fallback:
+        return
+    _warned_reference_fallback = True
+    warnings.warn("backend='auto' falls back to the full-logits reference backend (N x V memory) because the "
+                  f"native backend is unavailable: {reason}. Build the extension with "
+                  "`pip install --no-build-isolation -e .` (or pass backend= explicitly).",
+                  RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """Map a user's backend choice to a concrete one for tensors on `device`.
 
-    auto: triton on CUDA; on CPU the native extension when it is built, else reference.
+    auto: triton on CUDA; else the native extension when it is built; else the full-logits
+    reference, with a warning (once per process) naming why native is unavailable.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "auto":
         if device.type == "cuda" and unavailable_reason("triton", device) is None:
             return "triton"
-        if unavailable_reason("native", device) is None:
+        reason = unavailable_reason("native", device)
+        if reason is None:
             return "native"
+        _warn_reference_fallback(reason)
         return "reference"
     if name != "reference":
         reason = unavailable_reason(name, device)

@@ -106,17 +106,17 @@ class NativeBackend:
                     "`pip install --no-build-isolation -e .` where torch is a CUDA build and nvcc is found")
         return f"the native backend runs on cpu and cuda tensors, not {device.type}"
 
-    def forward(self, hidden, weight, bias, labels, ignore_index):
-        """hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64 -> (logp [N],
+    def forward(self, hidden, weight, labels, bias, ignore_index):
+        """hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None -> (logp [N],
         softmax_stats [N, 2]: row max, log sum exp(z - max)), fp32 (fp64 for fp64 inputs);
         logp is 0 at ignore_index."""
-        return _native.logprob_forward(hidden, weight, bias, labels, ignore_index,
+        return _native.logprob_forward(hidden, weight, labels, bias, ignore_index,
                                        chunk_budget_bytes(hidden.device))
 
-    def backward(self, hidden, weight, bias, labels, softmax_stats, grad_logp, ignore_index,
+    def backward(self, hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
                  needs_hidden_grad, needs_weight_grad):
         """-> (d_hidden [N, H] | None, d_weight [V, H] | None, d_bias [V] | None), gradients of
         sum_t grad_logp[t] * logp[t] in the parameters' dtypes."""
-        return _native.logprob_backward(hidden, weight, bias, labels, softmax_stats, grad_logp, ignore_index,
+        return _native.logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
                                         needs_hidden_grad, needs_weight_grad,
                                         chunk_budget_bytes(hidden.device))

@@ -1,4 +1,6 @@
-"""The Triton kernel backend (CUDA; on CPU only under TRITON_INTERPRET=1, which the tests use)."""
+"""The Triton kernel backend (CUDA; on CPU only under TRITON_INTERPRET=1, which the tests use).
+
+Imported lazily by `mio_kernels.backends` (importing this module imports triton)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,6 +8,8 @@ from typing import Optional
 import torch
 
 from mio_kernels.kernels.config import interpreting
+from mio_kernels.kernels.logprob_backward import logprob_backward
+from mio_kernels.kernels.logprob_forward import logprob_forward
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -13,25 +17,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class TritonBackend:
     name = "triton"
 
-    def __init__(self):
-        from mio_kernels.kernels import logprob_backward, logprob_forward  # needs triton
-        self._forward = logprob_forward.logprob_forward
-        self._backward = logprob_backward.logprob_backward
-
     def supports(self, device: torch.device) -> Optional[str]:
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return None
         return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
 
-    def check_dtype(self, dtype: torch.dtype) -> None:
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"backend='triton' supports hidden/weight dtypes {SUPPORTED_DTYPES}, got {dtype}")
+    def forward(self, hidden, weight, labels, bias, ignore_index):
+        """-> (logp [N] fp32, softmax_stats [N, 2] fp32); see mio_kernels.kernels.logprob_forward."""
+        if hidden.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"backend='triton' supports hidden/weight dtypes {SUPPORTED_DTYPES}, got {hidden.dtype}")
+        return logprob_forward(hidden, weight, labels, bias, ignore_index)
 
-    def forward(self, hidden, weight, bias, labels, ignore_index):
-        self.check_dtype(hidden.dtype)
-        return self._forward(hidden, weight, bias, labels, ignore_index)
-
-    def backward(self, hidden, weight, bias, labels, lse, grad_logp, ignore_index,
+    def backward(self, hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
                  needs_hidden_grad, needs_weight_grad):
-        return self._backward(hidden, weight, bias, labels, lse, grad_logp, ignore_index,
-                              needs_hidden_grad, needs_weight_grad)
+        """-> (d_hidden | None, d_weight | None, d_bias | None); see mio_kernels.kernels.logprob_backward."""
+        return logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
+                                needs_hidden_grad, needs_weight_grad)

@@ -41,7 +41,7 @@ def builds():
     """(name, kernel, pointer types, constexprs, config) for every kernel x dtype."""
     for dtype in ("bf16", "fp16", "fp32"):
         precision = "ieee" if dtype == "fp32" else "tf32"
-        io = {"H": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Y": "*i64"}
+        io = {"H": f"*{dtype}", "W": f"*{dtype}", "Y": "*i64", "B": f"*{dtype}"}
         yield ("forward", dtype, logprob_forward_kernel,
                {**io, "MAX_PART": "*fp32", "SUMEXP_PART": "*fp32", "TARGET_PART": "*fp32"},
                dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION=precision,

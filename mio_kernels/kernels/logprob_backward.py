@@ -21,7 +21,7 @@ from mio_kernels.kernels.tile import logit_tile
 
 @triton.jit
 def logprob_backward_kernel(
-    H, W, B, Y, ROW_MAX, LOG_SUMEXP, G, DH, DW, DB,
+    H, W, Y, B, ROW_MAX, LOG_SUMEXP, G, DH, DW, DB,
     N, V, D, stride_hn, stride_wv, stride_dhn, stride_dwv,
     HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -88,9 +88,9 @@ def logprob_backward_kernel(
                               mask=mask_v[:, None] & mask_d[None, :])
 
 
-def logprob_backward(hidden, weight, bias, labels, softmax_stats, grad_logp, ignore_index,
+def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
                      needs_hidden_grad: bool, needs_weight_grad: bool):
-    """Gradients of sum_t grad_logp[t] * logp[t]; see the module docstring. softmax_stats [2, N]
+    """Gradients of sum_t grad_logp[t] * logp[t]; see the module docstring. softmax_stats [N, 2]
     is what logprob_forward returned (row max, log sum exp).
 
     Allocates fp32 dH [N, D] and dW [V, D] (+ db [V]) accumulators and nothing of size N x V.
@@ -106,10 +106,11 @@ def logprob_backward(hidden, weight, bias, labels, softmax_stats, grad_logp, ign
         return None, None, None
     # Ignored tokens carry grad 0 by contract; force it so a stray value cannot leak in.
     grad_logp = torch.where(labels != ignore_index, grad_logp.float(), 0.0).contiguous()
+    row_max, log_sumexp = (col.contiguous() for col in softmax_stats.float().unbind(1))  # O(N) copies
     any_out = d_hidden if d_hidden is not None else d_weight
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     logprob_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, softmax_stats[0], softmax_stats[1], grad_logp,
+        hidden, weight, labels, bias if bias is not None else hidden, row_max, log_sumexp, grad_logp,
         d_hidden if d_hidden is not None else any_out,
         d_weight if d_weight is not None else any_out,
         d_bias if d_bias is not None else any_out,

@@ -21,7 +21,7 @@ from mio_kernels.kernels.tile import logit_tile
 
 @triton.jit
 def logprob_forward_kernel(
-    H, W, B, Y, MAX_PART, SUMEXP_PART, TARGET_PART,
+    H, W, Y, B, MAX_PART, SUMEXP_PART, TARGET_PART,
     N, V, D, stride_hn, stride_wv, ignore_index, v_per_split,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -60,9 +60,9 @@ def logprob_forward_kernel(
     tl.store(TARGET_PART + out, target, mask=mask_n)
 
 
-def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, ignore_index: int):
-    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64
-    -> (logp [N] fp32, softmax stats [2, N] fp32: row max, log sum exp(z - max))."""
+def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias, ignore_index: int):
+    """hidden [N, D], weight [V, D], labels [N] int64, bias [V] | None
+    -> (logp [N] fp32, softmax_stats [N, 2] fp32: row max, log sum exp(z - max))."""
     n, d = hidden.shape
     v = weight.shape[0]
     cfg = forward_config(n, v, d, hidden.device)
@@ -73,7 +73,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: to
     target_part = new_output((splits, n), hidden.device)
     grid = (triton.cdiv(n, cfg.block_n), splits)
     logprob_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, max_part, sumexp_part, target_part,
+        hidden, weight, labels, bias if bias is not None else hidden, max_part, sumexp_part, target_part,
         n, v, d, hidden.stride(0), weight.stride(0), ignore_index, v_per_split,
         HAS_BIAS=bias is not None, UPCAST=upcast_on_load(hidden), DOT_PRECISION=dot_precision(hidden),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
@@ -83,4 +83,4 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: to
     log_sumexp = torch.log((sumexp_part * torch.exp(max_part - row_max)).sum(0))
     target = target_part.sum(0)  # only the split holding the label contributes
     logp = torch.where(labels != ignore_index, (target - row_max) - log_sumexp, 0.0)
-    return logp, torch.stack([row_max, log_sumexp])
+    return logp, torch.stack([row_max, log_sumexp], dim=1)
