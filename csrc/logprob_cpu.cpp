@@ -153,7 +153,8 @@ void row_scale(float* z, int64_t V, float c) { row_scale_f32(z, V, c); }
 
 // Rows per parallel task: small rows are batched so that a thread gets >= 32k logits (no
 // fork/join for a chunk smaller than that).
-int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, V)); }
+constexpr int64_t kLogitsPerTask = int64_t{1} << 15;
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, kLogitsPerTask / std::max<int64_t>(1, V)); }
 
 // Per row r = rows[i] of the chunk: logp[r] and stats[r] = (max, log sum exp(z - max)).
 template <typename acc_t>
@@ -247,6 +248,24 @@ class RowChunks {
   at::Tensor index_;
 };
 
+// dH rows of the chunk = dZ @ W: straight into dH for a run of rows in the accumulation dtype,
+// else through a temporary (cast and/or scattered), whose bytes are added to *tmp_bytes.
+void write_hidden_grad(at::Tensor& dH, const at::Tensor& Z, const at::Tensor& Wa, const RowChunks& chunks,
+                       int64_t k0, int64_t n, int64_t* tmp_bytes) {
+  const bool run = chunks.is_run(k0, n);
+  if (run && dH.scalar_type() == Z.scalar_type()) {
+    at::Tensor out = dH.narrow(0, chunks.first_row(k0), n);
+    at::mm_out(out, Z, Wa);
+    return;
+  }
+  const at::Tensor dHc = at::mm(Z, Wa);
+  *tmp_bytes += dHc.numel() * static_cast<int64_t>(dHc.element_size());
+  if (run)
+    dH.narrow(0, chunks.first_row(k0), n).copy_(dHc);
+  else
+    dH.index_copy_(0, chunks.index(k0, n), converted(dHc, dH.scalar_type(), tmp_bytes));
+}
+
 template <typename acc_t>
 void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                   const OptTensor& bias, int64_t ignore_index, int64_t budget_bytes,
@@ -324,28 +343,13 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at:
 
   for (int64_t k0 = 0; k0 < chunks.count(); k0 += info.chunk_rows) {
     const int64_t n = std::min(info.chunk_rows, chunks.count() - k0);
-    const bool run = chunks.is_run(k0, n);
     int64_t tmp = 0;
     const at::Tensor Hc = chunks.hidden_rows(hidden, k0, n, acc, &tmp);
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, Wa, ba);
     backward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab, g);
 
-    if (dH.defined()) {
-      if (run && dH.scalar_type() == acc) {
-        at::Tensor out = dH.narrow(0, chunks.first_row(k0), n);
-        at::mm_out(out, Z, Wa);
-      } else {
-        const at::Tensor dHc = at::mm(Z, Wa);
-        tmp += dHc.numel() * elem;
-        if (run) {
-          dH.narrow(0, chunks.first_row(k0), n).copy_(dHc);
-        } else {
-          const at::Tensor cast = converted(dHc, dH.scalar_type(), &tmp);
-          dH.index_copy_(0, chunks.index(k0, n), cast);
-        }
-      }
-    }
+    if (dH.defined()) write_hidden_grad(dH, Z, Wa, chunks, k0, n, &tmp);
     if (dW_acc.defined()) dW_acc.addmm_(Z.t(), Hc);
     if (db_acc.defined()) {
       const at::Tensor col = Z.sum(0);

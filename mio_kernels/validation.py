@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mio_kernels.losses import get_loss
+from mio_kernels.losses import LOSSES, get_loss
 from mio_kernels.objective import PreferenceConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -76,7 +76,8 @@ def check_config(cfg: PreferenceConfig) -> None:
     if not (0.0 <= cfg.label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing!r}")
     if cfg.label_smoothing > 0 and not spec.uses_label_smoothing:
-        raise ValueError(f"label_smoothing={cfg.label_smoothing} is only defined for loss_type='robust', "
+        smoothed = " or ".join(f"loss_type={name!r}" for name, other in LOSSES.items() if other.uses_label_smoothing)
+        raise ValueError(f"label_smoothing={cfg.label_smoothing} is only defined for {smoothed}, "
                          f"not {cfg.loss_type!r}")
     if not (math.isfinite(cfg.sft_weight) and cfg.sft_weight >= 0):
         raise ValueError(f"sft_weight must be a finite number >= 0, got {cfg.sft_weight!r}")

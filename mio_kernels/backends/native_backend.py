@@ -53,6 +53,7 @@ from mio_kernels import _native
 
 ENV_CHUNK_MB = "MIO_KERNELS_NATIVE_CHUNK_MB"
 DEFAULT_CHUNK_MB = {"cpu": 64, "cuda": 1024}
+MIB = 2**20
 
 _budget_override: Optional[int] = None
 
@@ -79,8 +80,8 @@ def chunk_budget_bytes(device: torch.device) -> int:
             raise ValueError(f"{ENV_CHUNK_MB} must be a number of MiB, got {env!r}") from None
         if mb <= 0:
             raise ValueError(f"{ENV_CHUNK_MB} must be positive, got {env!r}")
-        return max(1, int(mb * 2**20))
-    return DEFAULT_CHUNK_MB.get(torch.device(device).type, DEFAULT_CHUNK_MB["cpu"]) * 2**20
+        return max(1, int(mb * MIB))
+    return DEFAULT_CHUNK_MB.get(torch.device(device).type, DEFAULT_CHUNK_MB["cpu"]) * MIB
 
 
 def last_workspace() -> Dict[str, int]:

@@ -19,6 +19,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Forward vocabulary splitting: aim for this many programs per SM, and give each split at least
+# this many vocabulary columns (a split re-reads its token block's hidden rows).
+PROGRAMS_PER_SM = 2
+MIN_VOCAB_PER_SPLIT = 4096
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     block_n: int
@@ -53,7 +59,7 @@ def forward_config(n: int, v: int, d: int, device: torch.device) -> LaunchConfig
     token_blocks = triton.cdiv(n, gpu_forward_config(d).block_n)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     # Split the vocabulary only when there are too few token blocks to fill the GPU twice over.
-    v_splits = max(1, min(triton.cdiv(2 * sms, token_blocks), triton.cdiv(v, 4096)))
+    v_splits = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, token_blocks), triton.cdiv(v, MIN_VOCAB_PER_SPLIT)))
     return gpu_forward_config(d, v_splits)
 
 
