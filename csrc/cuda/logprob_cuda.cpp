@@ -46,6 +46,34 @@ const void* bias_ptr(const OptTensor& bias) {
   return bias && bias->defined() ? bias->data_ptr() : nullptr;
 }
 
+// dW_acc += dZ^T @ Hc. 16-bit dZ (slab defined) goes through fp32 slabs of dW rows: ATen's
+// addmm cannot accumulate an fp32 output from 16-bit operands.
+void accumulate_weight_grad(at::Tensor& dW_acc, at::Tensor& slab, const at::Tensor& dZ, const at::Tensor& Hc) {
+  if (!slab.defined()) {
+    dW_acc.addmm_(dZ.t(), Hc);
+    return;
+  }
+  const int64_t V = dW_acc.size(0), slab_rows = slab.size(0);
+  for (int64_t v0 = 0; v0 < V; v0 += slab_rows) {
+    const int64_t vs = std::min(slab_rows, V - v0);
+    at::Tensor part = slab.narrow(0, 0, vs);
+    at::mm_out(part, dZ.narrow(1, v0, vs).t(), Hc, at::kFloat);
+    dW_acc.narrow(0, v0, vs).add_(part);
+  }
+}
+
+// The fp32 slab of dW rows that accumulate_weight_grad needs for 16-bit parameters, within the
+// chunk budget; adds it and the fp32 dW (db) accumulators to *workspace_bytes.
+at::Tensor weight_grad_slab(const at::Tensor& weight, bool has_bias, int64_t budget_bytes,
+                            int64_t* workspace_bytes) {
+  constexpr int64_t f32 = sizeof(float);
+  const int64_t V = weight.size(0), H = weight.size(1);
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(V, budget_bytes / std::max<int64_t>(1, H * f32)));
+  at::Tensor slab = at::empty({rows, H}, weight.options().dtype(at::kFloat));
+  *workspace_bytes += (weight.numel() + slab.numel() + (has_bias ? V : 0)) * f32;
+  return slab;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
@@ -82,7 +110,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
                                       int64_t budget_bytes) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(acc));
   const bool has_bias = bias && bias->defined();
@@ -98,17 +126,10 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
 
   if (need_dh) dH = at::empty_like(hidden);  // every row is written, zero-gradient rows with 0
   at::Tensor dW_acc, db_acc, slab;
-  int64_t slab_rows = 0;
   if (need_dw) {
     dW_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
     if (has_bias) db_acc = at::zeros({V}, weight.options().dtype(acc));
-    if (narrow_dz) {
-      // dZ^T @ Hc in fp16/bf16 operands with an fp32 result goes through a slab of dW rows
-      // (ATen's addmm cannot accumulate an fp32 output from 16-bit operands).
-      slab_rows = std::max<int64_t>(1, std::min<int64_t>(V, budget_bytes / std::max<int64_t>(1, H * 4)));
-      slab = at::empty({slab_rows, H}, weight.options().dtype(at::kFloat));
-      ws.workspace_bytes += dW_acc.numel() * 4 + slab.numel() * 4 + (has_bias ? V * 4 : 0);
-    }
+    if (narrow_dz) slab = weight_grad_slab(weight, has_bias, budget_bytes, &ws.workspace_bytes);
   }
   ws.chunk_rows = chunk_rows_for(budget_bytes, V, elem, N);
   at::Tensor buf = at::empty({ws.chunk_rows, V}, hidden.options().dtype(acc));
@@ -130,16 +151,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
       at::mm_out(out, dZ, weight);
     }
     if (need_dw) {
-      if (!narrow_dz) {
-        dW_acc.addmm_(dZ.t(), Hc);
-      } else {
-        for (int64_t v0 = 0; v0 < V; v0 += slab_rows) {
-          const int64_t vs = std::min(slab_rows, V - v0);
-          at::Tensor part = slab.narrow(0, 0, vs);
-          at::mm_out(part, dZ.narrow(1, v0, vs).t(), Hc, at::kFloat);
-          dW_acc.narrow(0, v0, vs).add_(part);
-        }
-      }
+      accumulate_weight_grad(dW_acc, slab, dZ, Hc);
       if (has_bias) db_acc.add_(at::sum(dZ, {0}, false, acc));
     }
     ++ws.num_chunks;
