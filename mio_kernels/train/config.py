@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from mio_kernels.losses import LOSSES
+from mio_kernels.objective import PreferenceConfig
 from mio_kernels.train.data import BUILTIN_DATASET
 from mio_kernels.train.model import BUILTIN_MODEL
-
-LOSS_TYPES = ("mio", "dpo", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "apo_zero")
+from mio_kernels.validation import check_config
 
 
 @dataclass
@@ -80,7 +81,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- preference loss
     loss_type: str = "mio"
-    """mio | dpo | ipo | hinge | robust | bco_pair | sppo_hard | apo_zero (formulas: mio_kernels/losses.py)."""
+    """A registered loss (mio_kernels.losses.LOSSES, formulas in mio_kernels/losses.py; a loss added
+    with register_loss before the CLI runs is accepted too)."""
     beta: Optional[float] = None
     """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x)). Default: 0.1 (TRL's), but 0.5
     for builtin:tiny-llama (on the embedded job 0.1 let both losses drift the chosen likelihood down)."""
@@ -191,11 +193,20 @@ class TrainConfig:
             return self.eval_dataset if self.eval else None
         return BUILTIN_DATASET if self.dataset == BUILTIN_DATASET else None
 
+    def preference_config(self, num_negatives: int) -> PreferenceConfig:
+        """The loss options, in the op's own form (K comes from the data when num_negatives is None)."""
+        return PreferenceConfig(loss_type=self.loss_type, beta=self.resolved_beta(), num_negatives=num_negatives,
+                                label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob,
+                                reference_free=self.reference == "none", sft_weight=self.sft_weight)
+
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str):
             if not ok:
                 raise ValueError(f"config: {msg}")
-        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        try:  # the op's own checks of its options
+            check_config(self.preference_config(1 if self.num_negatives is None else self.num_negatives))
+        except ValueError as err:
+            raise ValueError(f"config: {err}") from None
         need(self.reference in ("precompute", "online", "none"), f"reference must be precompute|online|none")
         need(self.device in ("auto", "cpu", "cuda"), "device must be auto|cpu|cuda")
         need(self.mixed_precision in ("auto", "bf16", "none"), "mixed_precision must be auto|bf16|none")
@@ -204,7 +215,6 @@ class TrainConfig:
         for name in ("batch_size", "micro_batch_size", "sft_batch_size", "sft_micro_batch_size"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
         need(0 < self.max_prompt_length < self.max_length, "need 0 < max_prompt_length < max_length")
-        need(self.resolved_beta() > 0, "beta must be > 0")
         need(self.resolved_lr() > 0 and self.sft_lr > 0, "learning rates must be > 0")
         need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every >= 0, keep_checkpoints >= 1")
         return self
@@ -247,6 +257,10 @@ def _parse_value(name: str, tp, raw: str):
         raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: expected {base.__name__}, got {raw!r}")
 
 
+def _choices(name: str) -> str:
+    return f" One of: {', '.join(LOSSES)}." if name == "loss_type" else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     docs = field_docs()
     hints = typing.get_type_hints(TrainConfig)
@@ -267,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
                                 type=lambda raw, n=f.name, t=tp: _parse_value(n, t, raw),
-                                help=docs.get(f.name, "") + f" (default: {f.default})")
+                                help=docs.get(f.name, "") + _choices(f.name) + f" (default: {f.default})")
     return parser
 
 
