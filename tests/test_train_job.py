@@ -127,7 +127,7 @@ def test_config_file_and_flags(tmp_path):
     js.write_text(json.dumps({"stepz": 7}))
     with pytest.raises(ValueError, match="unknown option 'stepz'"):
         parse_args(["--config", str(js)])
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="--loss-type"):
         parse_args(["--loss-type", "nope"])
     assert TrainConfig().resolved_sft_steps() > 0 and TrainConfig(model="some/model").resolved_sft_steps() == 0
 
@@ -145,7 +145,7 @@ def test_registered_loss_reaches_the_cli():
         assert (pcfg.loss_type, pcfg.beta, pcfg.num_negatives, pcfg.sft_weight) == ("test_only_loss", 0.3, 3, 0.5)
     finally:
         del LOSSES["test_only_loss"]
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="--loss-type"):
         parse_args(["--loss-type", "test_only_loss"])
 
 

@@ -26,9 +26,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from mio_kernels.backends import resolve_backend
 from mio_kernels.objective import METRIC_NAMES
 from mio_kernels.train import checkpoint as ckpt
-from mio_kernels.train.config import TrainConfig
+from mio_kernels.train.config import ConfigError, TrainConfig
 from mio_kernels.train.data import Example, collate, load_rows, sample_order, tokenize_rows
 from mio_kernels.train.evaluate import evaluate, sequence_logps, write_generations
 from mio_kernels.train.metrics import MetricsLog
@@ -36,6 +37,7 @@ from mio_kernels.train.model import HeadTasks, PreferenceModel, load_model_and_t
 from mio_kernels.train.parallelize import (Dist, all_reduce_sum, barrier, full_state_dict, init_distributed,
                                            parallelize, reshard_all, set_head_kept_gathered)
 from mio_kernels.train.reference import batch_reference, frozen_copy, score_table
+from mio_kernels.train.run_dir import plan_run, run_identity
 from mio_kernels.train.state import TrainState
 
 SFT_METRICS = ("loss",)
@@ -104,14 +106,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.d = d = init_distributed(cfg.device)
+        try:
+            resolve_backend(cfg.backend, d.device)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"--backend {cfg.backend}: {err}") from None
+        self.plan = plan_run(cfg)  # refuses a run directory it must not use, before any work
         if cfg.resolved_threads() is not None and d.device.type == "cpu":
             torch.set_num_threads(cfg.resolved_threads())
         seed_everything(cfg.seed)  # same seed on every process: identical init before sharding
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier(d)
 
         tiny = dict(hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads,
                     intermediate_size=cfg.tiny_intermediate_size, max_positions=max(256, cfg.max_length))
@@ -130,6 +134,8 @@ class Trainer:
         self.phases = make_phases(cfg, d.world_size)
         self.state = TrainState(self.model)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", d.is_main)
+        if self.plan.resume_from is not None:
+            self.check_reference_coverage(json.loads((self.plan.resume_from / ckpt.STATE_FILE).read_text()))
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -157,29 +163,60 @@ class Trainer:
                             start * spec.batch_size, (stop - start) * spec.batch_size)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, loss: torch.Tensor) -> None:
+        """Write a checkpoint of the step that produced `loss` (this process's share), unless
+        the loss or a weight is non-finite (checked first: one reduction per parameter, one sync)."""
+        self.check_finite(loss)
         reshard_all(self.model)
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.global_step(), {"train": self.state},
-                                    dict(self.state.progress), self.d, self.cfg.keep_checkpoints)
+        saved = {"progress": dict(self.state.progress), "config": run_identity(self.cfg)}
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.global_step(), {"train": self.state}, saved, self.d,
+                                    self.cfg.keep_checkpoints)
         self.log(f"checkpoint {path}")
 
-    def try_resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            self.log(f"resume: no complete checkpoint under {self.ckpt_dir}, starting fresh")
+    def check_finite(self, loss: torch.Tensor) -> None:
+        named = list(self.model.named_parameters())
+        local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP
+        bad = [(~local(p.detach()).isfinite().all()).float() for _, p in named]
+        values = all_reduce_sum(torch.stack([loss.detach().float().reshape(()), *bad]), self.d).tolist()
+        weights = [name for (name, _), count in zip(named, values[1:]) if count > 0]
+        if math.isfinite(values[0]) and not weights:
             return
-        progress = json.loads((path / ckpt.STATE_FILE).read_text())
-        phase = progress["phase"] if progress["phase"] != "done" else "pref"
+        progress = self.state.progress
+        raise FloatingPointError(
+            f"non-finite values at {progress['phase']} step {progress['step']}: loss = {values[0]}"
+            + (f"; weights: {', '.join(weights[:5])}" + (", ..." if len(weights) > 5 else "") if weights else "")
+            + f". No checkpoint written; the newest good one stays under {self.ckpt_dir}")
+
+    def resume(self, path) -> None:
+        saved = json.loads((path / ckpt.STATE_FILE).read_text())["progress"]
         st = self.state
-        st.optimizer = self.make_optimizer(self.phases[phase])
-        if progress["phase"] != "sft":  # the reference exists from the preference phase on
+        st.optimizer = self.make_optimizer(self.phases[saved["phase"] if saved["phase"] != "done" else "pref"])
+        if saved["phase"] != "sft":  # the reference exists from the preference phase on
             st.ref_train = torch.zeros(len(self.train), 1 + self.k)
             st.ref_eval = torch.zeros(len(self.eval_examples), 1 + self.k)
             if self.cfg.reference == "online":
                 st.ref_model = frozen_copy(self.lm, self.d, self.bf16)
-        st.progress = ckpt.load_checkpoint(path, {"train": st}, self.d)
+        st.progress = ckpt.load_checkpoint(path, {"train": st}, self.d, verify=False)["progress"]  # verified by plan_run
         self.log(f"resumed from {path} (phase {st.progress['phase']}, step {st.progress['step']})")
         self.metrics.trim(self.global_step())
+
+    def check_reference_coverage(self, saved: Dict[str, object]) -> None:
+        """A precomputed reference covers the prompts of the schedule it was computed for: a resumed
+        run may add steps only while their prompts are among them (the reference model, the policy
+        after SFT, is gone)."""
+        progress, spec = saved["progress"], self.phases["pref"]
+        if self.cfg.reference != "precompute" or progress["phase"] != "pref":
+            return
+        scored = set(self.step_indices_range(spec, 0, progress.get("reference_steps", spec.steps)))
+        for step in range(progress["step"], spec.steps):
+            missing = sorted(set(self.step_indices(spec, step)) - scored)
+            if missing:
+                raise ConfigError(
+                    f"--steps {spec.steps}: preference step {step + 1} needs reference log-probs of training prompts "
+                    f"{missing[:8]} that were not precomputed (the reference was scored for "
+                    f"--steps {progress.get('reference_steps')}) and the reference model (the policy after the SFT "
+                    f"warm-up) is no longer available: resume with --steps {step} at most, or start over with "
+                    "--overwrite (or --reference online)")
 
     # ------------------------------------------------------------------ reference
     def compute_reference(self) -> None:
@@ -193,6 +230,7 @@ class Trainer:
         needed = self.step_indices_range(spec, 0, spec.steps) if cfg.reference == "precompute" else []
         # online/none: an all-NaN table, unused; it keeps checkpoints uniform
         st.ref_train = score_table(self.model, self.train, needed, self.tasks, bs, self.pad_id, self.d)
+        st.progress["reference_steps"] = spec.steps
         st.ref_eval = (sequence_logps(self.model, self.eval_examples, self.tasks, bs, self.pad_id, self.d)
                        if self.eval_examples else torch.zeros(0, 1 + self.k))
         scored = (f"{int(st.ref_train[:, 0].isfinite().sum())} training prompts"
@@ -270,8 +308,10 @@ class Trainer:
         values = all_reduce_sum(torch.stack(list(stats.values())), self.d).tolist()
         row = {"phase": spec.name, "step": self.state.progress["step"], "global_step": self.global_step(),
                **dict(zip(stats.keys(), values)), "grad_norm": grad_norm.item(), "lr": lr, "tokens/s": tokens_per_s}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"non-finite loss at {spec.name} step {row['step']}: {row}")
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at {spec.name} step {row['step']}: "
+                                     + ", ".join(f"{k} = {row[k]}" for k in bad))
         self.metrics.append(row)
         return row
 
@@ -298,7 +338,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+                self.save_checkpoint(stats["loss"])
         if bar is not None:
             bar.close()
 
@@ -321,8 +361,11 @@ class Trainer:
     # ------------------------------------------------------------------ the job
     def run(self) -> Dict[str, object]:
         cfg, progress, t_start = self.cfg, self.state.progress, time.perf_counter()
-        if cfg.resume:
-            self.try_resume()
+        if self.d.is_main:
+            self.plan.apply()
+        barrier(self.d)
+        if self.plan.resume_from is not None:
+            self.resume(self.plan.resume_from)
             progress = self.state.progress
         else:
             self.metrics.reset()
