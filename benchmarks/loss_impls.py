@@ -18,7 +18,7 @@ What each one computes (all: sum of token log-probs per sequence, beta, mean ove
             as a precomputed reference, which only shifts the log-ratios by a constant. Its check
             target is therefore ours with reference_free=True.
   cce       Apple Cut Cross-Entropy linear_cross_entropy(..., reduction="none") per-token losses,
-            summed per sequence and fed to the same loss formula (mio_kernels.losses). impl="cce"
+            reduced and fed to the op's own objective (mio_kernels.objective). impl="cce"
             (Triton) on CUDA, impl="torch_compile" elsewhere.
   <backend> ours: fused_mio_loss(backend=<backend>) for each available kernel backend.
 """
@@ -135,21 +135,27 @@ def build_reference_free(backend: str, inputs: Inputs, loss_type: str) -> Step:
     return _build_ours(backend)(inputs, loss_type, reference_free=True)
 
 
+def _loss_from_token_logps(inputs: Inputs, loss_type: str, token_logps: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-token log-probs [S, T] (0 at ignored tokens) -> (loss, sequence log-probs [S]), through the
+    op's own sequence reduction and objective (row layout and loss formula written once, there)."""
+    from mio_kernels.objective import PreferenceConfig, preference_objective
+    from mio_kernels.sequence import reduce_sequences
+
+    cfg = PreferenceConfig(**_loss_options(inputs, loss_type))
+    policy = reduce_sequences(token_logps, inputs.labels, inputs.ignore_index, cfg.length_normalized)
+    loss = preference_objective(policy, inputs.ref_logps, cfg).loss
+    return loss.float(), policy.logps.detach().float()
+
+
 def _build_naive_dtype(inputs: Inputs, loss_type: str) -> Step:
     """TRL's way: the lm_head GEMM in the input dtype, then log_softmax in fp32 over full logits."""
-    from mio_kernels.losses import get_loss
-
-    loss_fn = get_loss(loss_type).fn
-    k, p = inputs.num_negatives, inputs.num_prompts
     scored = inputs.labels != inputs.ignore_index
     safe_labels = torch.where(scored, inputs.labels, 0)
 
     def step():
         log_probs = torch.log_softmax((inputs.hidden @ inputs.weight.T).float(), dim=-1)
         token_logps = log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * scored
-        logps = token_logps.sum(-1)
-        u = (logps - inputs.ref_logps).view(1 + k, p)
-        return loss_fn(u[0], u[1:], inputs.beta, 0.0).loss.mean(), logps.detach()
+        return _loss_from_token_logps(inputs, loss_type, token_logps)
     return step
 
 
@@ -168,18 +174,13 @@ def _build_liger(inputs: Inputs, loss_type: str) -> Step:
 
 def _build_cce(inputs: Inputs, loss_type: str) -> Step:
     from cut_cross_entropy import linear_cross_entropy
-    from mio_kernels.losses import get_loss
 
     impl = "cce" if inputs.hidden.is_cuda else "torch_compile"
-    loss_fn = get_loss(loss_type).fn
-    k, p = inputs.num_negatives, inputs.num_prompts
 
     def step():
         nll = linear_cross_entropy(inputs.hidden, inputs.weight, inputs.labels, ignore_index=inputs.ignore_index,
                                    reduction="none", impl=impl)           # [S, T], 0 at ignored tokens
-        logps = -nll.float().sum(-1)
-        u = (logps - inputs.ref_logps).view(1 + k, p)
-        return loss_fn(u[0], u[1:], inputs.beta, 0.0).loss.mean(), logps.detach()
+        return _loss_from_token_logps(inputs, loss_type, -nll.float())
     return step
 
 

@@ -48,7 +48,7 @@ def worker(out_dir: str, result_file: str, steps: int) -> None:
         spec = trainer.phases[phase]
         if phase == "pref":
             trainer.compute_reference()
-        trainer.optimizer = trainer.make_optimizer(spec)
+        trainer.state.optimizer = trainer.make_optimizer(spec)
         for step in range(steps):
             stats = trainer.forward_backward(spec, trainer.step_indices(spec, step))
             stats = {k: v.clone() for k, v in stats.items()}

@@ -6,15 +6,18 @@ A checkpoint is the directory <run>/checkpoints/step_<global step:08d>/ holding
                    step, so the step (in trainer_state.json) is its whole state
   trainer_state.json  phase, step, data position, evaluation results so far
   rng_rank<r>.pt   every RNG of process r (python, numpy, torch, CUDA)
-  COMPLETE.json    written last: step, world size, and the size of every other file.
+  COMPLETE.json    written last: step, world size, and the size and SHA-256 of every other file.
 Atomicity: everything is written (and fsynced) into step_<n>.tmp/, the marker last, then the
 directory is renamed to step_<n> (one rename, atomic on POSIX) and the parent fsynced. A crash
-at any point leaves either no step_<n> or a complete one. Loading only considers step_<n>
-directories whose marker exists and whose files all have the recorded sizes, so a truncated
-or half-copied checkpoint is skipped (with a warning) in favour of the previous complete one.
+at any point leaves either no step_<n> or a complete one. Resuming takes the newest step_<n>
+whose marker exists and whose files all have the recorded sizes and checksums, so a truncated,
+half-copied or corrupted checkpoint (even one whose damage keeps the file sizes) is skipped, with
+a warning naming the file, in favour of the previous good one. The size check alone (cheap) is
+what pruning uses.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -46,6 +49,14 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def rng_state() -> Dict[str, Any]:
@@ -89,7 +100,8 @@ def save_checkpoint(root: Path, step: int, app_state: Dict[str, Any], trainer_st
     if d.is_main:
         _write_json(tmp / STATE_FILE, trainer_state)
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_json(tmp / MARKER, {"step": step, "world_size": d.world_size, "files": files})
+        sha256 = {rel: file_sha256(tmp / rel) for rel in files}
+        _write_json(tmp / MARKER, {"step": step, "world_size": d.world_size, "files": files, "sha256": sha256})
         _fsync_path(tmp)
         if final.exists():  # same step written before (a resumed run repeating it): replace
             shutil.rmtree(final)
@@ -101,15 +113,18 @@ def save_checkpoint(root: Path, step: int, app_state: Dict[str, Any], trainer_st
     return final
 
 
-def check_complete(path: Path) -> Optional[str]:
-    """None if `path` is a complete checkpoint, else why not."""
+def check_complete(path: Path, verify: bool = True) -> Optional[str]:
+    """None if `path` is a complete checkpoint, else why not. verify: also compare every file's
+    SHA-256 with the marker's (reads the whole checkpoint)."""
     marker = path / MARKER
     if not marker.is_file():
         return f"no {MARKER} (the write did not finish)"
     try:
         info = json.loads(marker.read_text())
-        files = info["files"]
-    except (ValueError, KeyError) as err:
+        files, sha256 = info["files"], info["sha256"]
+        if not isinstance(files, dict) or set(files) != set(sha256):
+            raise ValueError("files and checksums do not match")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         return f"unreadable {MARKER}: {err}"
     for rel, size in files.items():
         f = path / rel
@@ -117,18 +132,23 @@ def check_complete(path: Path) -> Optional[str]:
             return f"missing {rel}"
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, {size} were written (truncated?)"
+    if verify:
+        for rel, digest in sha256.items():
+            if file_sha256(path / rel) != digest:
+                return f"{rel} does not match its checksum (corrupted)"
     return None
 
 
-def complete_checkpoints(root: Path) -> List[Path]:
-    """Complete checkpoints under `root`, newest first; incomplete ones are skipped with a warning."""
+def complete_checkpoints(root: Path, verify: bool = False) -> List[Path]:
+    """Complete checkpoints under `root`, newest first; incomplete ones are skipped with a warning.
+    verify: check checksums too (see `latest_checkpoint`, which verifies only what it needs)."""
     if not root.is_dir():
         return []
     found: List[Tuple[int, Path]] = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and p.is_dir():
-            reason = check_complete(p)
+            reason = check_complete(p, verify)
             if reason is None:
                 found.append((int(m.group(1)), p))
             else:
@@ -137,16 +157,22 @@ def complete_checkpoints(root: Path) -> List[Path]:
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[0] if found else None
+    """The newest checkpoint that passes verification (sizes and checksums); the newer ones that
+    fail it are skipped with a warning naming the file."""
+    for path in complete_checkpoints(root):
+        reason = check_complete(path, verify=True)
+        if reason is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {reason}")
+    return None
 
 
-def load_checkpoint(path: Path, app_state: Dict[str, Any], d: Dist) -> Dict[str, Any]:
+def load_checkpoint(path: Path, app_state: Dict[str, Any], d: Dist, verify: bool = True) -> Dict[str, Any]:
     """Load `path` into app_state (in place, DCP) and restore this process's RNGs.
-    Returns the trainer state. Refuses an incomplete checkpoint."""
+    Returns the trainer state. Refuses an incomplete or (verify) corrupted checkpoint."""
     import torch.distributed.checkpoint as dcp
 
-    reason = check_complete(path)
+    reason = check_complete(path, verify)
     if reason is not None:
         raise RuntimeError(f"refusing to load checkpoint {path}: {reason}")
     with warnings.catch_warnings():

@@ -10,15 +10,19 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from mio_kernels.backends import BACKEND_NAMES
+from mio_kernels.losses import LOSSES
+from mio_kernels.objective import PreferenceConfig
 from mio_kernels.train.data import BUILTIN_DATASET
 from mio_kernels.train.model import BUILTIN_MODEL
-
-LOSS_TYPES = ("mio", "dpo", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "apo_zero")
+from mio_kernels.validation import check_config
 
 
 @dataclass
@@ -80,7 +84,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- preference loss
     loss_type: str = "mio"
-    """mio | dpo | ipo | hinge | robust | bco_pair | sppo_hard | apo_zero (formulas: mio_kernels/losses.py)."""
+    """A registered loss (mio_kernels.losses.LOSSES, formulas in mio_kernels/losses.py; a loss added
+    with register_loss before the CLI runs is accepted too)."""
     beta: Optional[float] = None
     """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x)). Default: 0.1 (TRL's), but 0.5
     for builtin:tiny-llama (on the embedded job 0.1 let both losses drift the chosen likelihood down)."""
@@ -159,7 +164,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept (older ones are deleted after a new one completes)."""
     resume: bool = False
-    """Continue from the newest complete checkpoint of this run (fresh start when there is none)."""
+    """Continue this run from its newest verified checkpoint (a run that stopped before its first
+    checkpoint starts over). The options that change the model, the data, the loss or the
+    reference must match the checkpoint's."""
+    overwrite: bool = False
+    """Delete this run's directory (checkpoints, metrics, final model) and start over. Without it
+    (or --resume) a run directory that already holds a run is refused."""
 
     # ------------------------------------------------------------------------
     @property
@@ -191,22 +201,15 @@ class TrainConfig:
             return self.eval_dataset if self.eval else None
         return BUILTIN_DATASET if self.dataset == BUILTIN_DATASET else None
 
+    def preference_config(self, num_negatives: int) -> PreferenceConfig:
+        """The loss options, in the op's own form (K comes from the data when num_negatives is None)."""
+        return PreferenceConfig(loss_type=self.loss_type, beta=self.resolved_beta(), num_negatives=num_negatives,
+                                label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob,
+                                reference_free=self.reference == "none", sft_weight=self.sft_weight)
+
     def validate(self) -> "TrainConfig":
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"config: {msg}")
-        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        need(self.reference in ("precompute", "online", "none"), f"reference must be precompute|online|none")
-        need(self.device in ("auto", "cpu", "cuda"), "device must be auto|cpu|cuda")
-        need(self.mixed_precision in ("auto", "bf16", "none"), "mixed_precision must be auto|bf16|none")
-        need(self.dtype in ("float32", "bfloat16"), "dtype must be float32|bfloat16")
-        need(self.steps >= 0 and self.resolved_sft_steps() >= 0, "steps must be >= 0")
-        for name in ("batch_size", "micro_batch_size", "sft_batch_size", "sft_micro_batch_size"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1")
-        need(0 < self.max_prompt_length < self.max_length, "need 0 < max_prompt_length < max_length")
-        need(self.resolved_beta() > 0, "beta must be > 0")
-        need(self.resolved_lr() > 0 and self.sft_lr > 0, "learning rates must be > 0")
-        need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every >= 0, keep_checkpoints >= 1")
+        """Check every option before any work; a ConfigError names the option (as its flag)."""
+        validate_config(self)
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -214,6 +217,97 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "resolved": {
             "beta": self.resolved_beta(), "lr": self.resolved_lr(), "sft_steps": self.resolved_sft_steps(),
             "threads": self.resolved_threads(), "eval_dataset": self.resolved_eval_dataset()}}
+
+
+# ----------------------------------------------------------------------------- validation
+
+# May differ between a run and its resumption (the others must match the checkpoint's).
+MAY_CHANGE_ON_RESUME = ("name", "output_dir", "device", "threads", "backend", "activation_checkpointing", "steps",
+                        "micro_batch_size", "sft_micro_batch_size", "max_new_tokens", "eval_batch_size", "log_every",
+                        "progress", "plot", "save_final", "checkpoint_every", "keep_checkpoints", "resume",
+                        "overwrite")
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message names it as its command-line flag."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _looks_like_path(value: str, data: bool) -> bool:
+    """A local path rather than a hub id (org/name) or a builtin: name."""
+    if value.startswith("builtin:"):
+        return False
+    return (value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+            or (data and Path(value).suffix.lower() in DATA_SUFFIXES))
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    """A path-looking --model/--tokenizer/--dataset/--eval-dataset that does not exist fails here,
+    without a network lookup."""
+    for name, data in (("model", False), ("tokenizer", False), ("dataset", True), ("eval_dataset", True)):
+        value = getattr(cfg, name)
+        if value is None or not _looks_like_path(value, data) or Path(value).expanduser().exists():
+            continue
+        what = "file" if data and Path(value).suffix else "directory"
+        raise ConfigError(f"{flag(name)} {value}: no such {what} (a local path; hub ids look like org/name)")
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    """The op's own validation of its options, with its field names turned into flags."""
+    try:
+        check_config(cfg.preference_config(1 if cfg.num_negatives is None else cfg.num_negatives))
+    except ValueError as err:
+        msg = str(err)
+        field_name = re.match(r"\w+", msg)
+        if field_name and field_name.group(0) in {f.name for f in fields(TrainConfig)}:
+            msg = flag(field_name.group(0)) + msg[field_name.end():]
+        raise ConfigError(msg) from None
+
+
+def _number(value, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return float(value).is_integer() if integer else math.isfinite(value)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    def need(ok: bool, name: str, expected: str, value=None):
+        if not ok:
+            raise ConfigError(f"{flag(name)} must be {expected}, got {getattr(cfg, name) if value is None else value!r}")
+
+    def at_least(names, low: float, integer: bool = True, optional: bool = False):
+        for name in names:
+            value = getattr(cfg, name)
+            if not (optional and value is None):
+                need(_number(value, integer) and value >= low, name, f"{'an integer' if integer else 'a number'} >= {low}")
+
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other (continue the run, or delete it and start over)")
+    need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", "a plain directory name")
+    choices = {"reference": ("precompute", "online", "none"), "device": ("auto", "cpu", "cuda"),
+               "mixed_precision": ("auto", "bf16", "none"), "dtype": ("float32", "bfloat16"), "backend": BACKEND_NAMES}
+    for name, allowed in choices.items():
+        need(getattr(cfg, name) in allowed, name, "one of " + "|".join(allowed))
+    at_least(("num_negatives", "max_train_examples", "threads"), 1, optional=True)
+    _check_loss(cfg)
+    at_least(("batch_size", "micro_batch_size", "sft_batch_size", "sft_micro_batch_size", "log_every",
+              "eval_batch_size", "max_new_tokens", "max_eval_examples", "keep_checkpoints", "max_length",
+              "max_prompt_length", "tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_intermediate_size"), 1)
+    at_least(("steps", "sft_steps", "warmup_steps", "sft_warmup_steps", "checkpoint_every"), 0, optional=True)
+    at_least(("grad_clip", "weight_decay"), 0, integer=False)
+    for name, value in (("lr", cfg.resolved_lr()), ("sft_lr", cfg.sft_lr)):
+        need(_number(value, False) and value > 0, name, "a finite number > 0", value)
+    need(_number(cfg.min_lr_ratio, False) and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(_number(getattr(cfg, name), False) and 0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    need(cfg.max_prompt_length < cfg.max_length, "max_prompt_length", f"< --max-length ({cfg.max_length})")
+    if cfg.model == BUILTIN_MODEL:
+        need(cfg.tiny_hidden_size % cfg.tiny_heads == 0, "tiny_hidden_size", f"a multiple of --tiny-heads ({cfg.tiny_heads})")
+    _check_paths(cfg)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -247,6 +341,14 @@ def _parse_value(name: str, tp, raw: str):
         raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: expected {base.__name__}, got {raw!r}")
 
 
+def _choices(name: str) -> str:
+    if name == "loss_type":
+        return f" One of: {', '.join(LOSSES)}."
+    if name == "resume":
+        return " Options that may change on resume: " + ", ".join(flag(n) for n in MAY_CHANGE_ON_RESUME) + "."
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     docs = field_docs()
     hints = typing.get_type_hints(TrainConfig)
@@ -258,16 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-process: torchrun --nproc_per_node N -m mio_kernels.train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of field: value (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        option = flag(f.name)
         tp = hints[f.name]
         if _base_type(tp) is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=docs.get(f.name, ""))
+            parser.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=docs.get(f.name, "") + _choices(f.name))
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
+            parser.add_argument(option, dest=f.name, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
                                 type=lambda raw, n=f.name, t=tp: _parse_value(n, t, raw),
-                                help=docs.get(f.name, "") + f" (default: {f.default})")
+                                help=docs.get(f.name, "") + _choices(f.name) + f" (default: {f.default})")
     return parser
 
 
@@ -292,6 +395,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
+    args.pop("debug", None)
     values = load_config_file(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)

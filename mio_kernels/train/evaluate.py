@@ -6,17 +6,23 @@ decoding runs the same prompts on every process, so all of them stop at the same
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
+from mio_kernels.sequence import SequenceLogps
 from mio_kernels.train.data import Example, collate, collate_prompts, final_answer
+from mio_kernels.train.model import HeadTasks
 from mio_kernels.train.parallelize import Dist, all_reduce_sum, reshard_all
 
 
 @torch.no_grad()
-def sequence_logps(model, examples: Sequence[Example], loss_kwargs: dict, batch_size: int, pad_id: int,
+def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_size: int, pad_id: int,
                    d: Dist) -> Tensor:
     """[N, 1 + K] fp32 (CPU) sequence log-probs of every response, in the loss's own reduction
     (sum, or mean when length-normalised): exactly what fused_mio_loss takes as ref_logps."""
@@ -29,8 +35,8 @@ def sequence_logps(model, examples: Sequence[Example], loss_kwargs: dict, batch_
         real = j < len(starts)
         lo = starts[j] if real else 0  # a process without a chunk repeats chunk 0 and drops it
         chunk = examples[lo:lo + batch_size]
-        batch = {k: v.to(d.device) for k, v in collate(chunk, pad_id, loss_kwargs.get("ignore_index", -100)).items()}
-        logps = model(**batch, mode="logps", loss_kwargs=loss_kwargs)["policy_logps"]
+        batch = {k: v.to(d.device) for k, v in collate(chunk, pad_id, tasks.cfg.ignore_index).items()}
+        logps = model(**batch, task=tasks.sequence_logps)["policy_logps"]
         if real:
             out[lo:lo + len(chunk)] = logps.float().view(width, len(chunk)).T
     reshard_all(model)
@@ -54,7 +60,7 @@ def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int
         finished = torch.zeros(len(chunk), dtype=torch.bool, device=d.device)
         generated = []
         for _ in range(max_new_tokens):
-            out = model(ids, mask, mode="next", position_ids=positions, past_key_values=cache)
+            out = model(ids, mask, task=HeadTasks.next_logits, position_ids=positions, past_key_values=cache)
             cache = out["past_key_values"]
             nxt = out["logits"].argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
@@ -72,25 +78,30 @@ def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int
     return results
 
 
-def preference_metrics(logps: Tensor, ref_logps: Optional[Tensor], beta: float) -> Dict[str, float]:
+def _objective_metrics(logps: Tensor, ref_logps: Optional[Tensor], cfg: PreferenceConfig) -> Dict[str, float]:
+    """The op's own metrics (mio_kernels.objective) of [N, 1 + K] log-probs, laid out as its rows."""
+    rows = logps.T.reshape(-1).double()  # chosen block, then K rejected blocks
+    ones = torch.ones_like(rows)
+    ref = None if cfg.reference_free else ref_logps.T.reshape(-1).double()
+    metrics = preference_objective(SequenceLogps(rows, rows, ones, ones), ref, cfg).metrics
+    return {k: v.item() for k, v in metrics_dict(metrics).items() if k != "nll"}
+
+
+def preference_metrics(logps: Tensor, ref_logps: Optional[Tensor], cfg: PreferenceConfig) -> Dict[str, float]:
     """Held-out preference metrics from [N, 1 + K] log-probs (column 0 = chosen).
 
-    rewards/accuracies: r_w > max_k r_k (0 at the reference itself, where every reward is 0);
-    logps/accuracies: the model's own ranking, l_w > max_k l_k.
+    rewards/*: the op's metrics (rewards/accuracies: r_w > max_k r_k; 0 at the reference itself,
+    where every reward is 0); logps/accuracies: the model's own ranking, l_w > max_k l_k (the
+    same metric without a reference and beta = 1).
     """
-    rewards = beta * (logps - ref_logps) if ref_logps is not None else beta * logps
-    return {
-        "rewards/accuracies": (rewards[:, 0] > rewards[:, 1:].max(1).values).float().mean().item(),
-        "rewards/margins": (rewards[:, 0] - rewards[:, 1:].mean(1)).mean().item(),
-        "rewards/chosen": rewards[:, 0].mean().item(),
-        "rewards/rejected": rewards[:, 1:].mean().item(),
-        "logps/chosen": logps[:, 0].mean().item(),
-        "logps/rejected": logps[:, 1:].mean().item(),
-        "logps/accuracies": (logps[:, 0] > logps[:, 1:].max(1).values).float().mean().item(),
-    }
+    cfg = dataclasses.replace(cfg, sft_weight=0.0)
+    result = _objective_metrics(logps, ref_logps, cfg)
+    own = _objective_metrics(logps, None, dataclasses.replace(cfg, reference_free=True, beta=1.0))
+    result["logps/accuracies"] = own["rewards/accuracies"]
+    return result
 
 
-def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], tokenizer, loss_kwargs: dict,
+def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], tokenizer, tasks: HeadTasks,
              batch_size: int, max_new_tokens: int, d: Dist, config=None) -> Tuple[Dict[str, float], List[str]]:
     """(metrics, greedy continuations as text) on held-out examples.
 
@@ -98,10 +109,16 @@ def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], to
     response's (whitespace ignored); see data.final_answer.
     """
     pad = tokenizer.pad_token_id
-    logps = sequence_logps(model, examples, loss_kwargs, batch_size, pad, d)
-    result = preference_metrics(logps, ref_logps, loss_kwargs["beta"])
+    logps = sequence_logps(model, examples, tasks, batch_size, pad, d)
+    result = preference_metrics(logps, ref_logps, tasks.cfg)
     gens = greedy_generate(model, examples, pad, tokenizer.eos_token_id, max_new_tokens, batch_size, d, config)
     texts = tokenizer.batch_decode(gens, skip_special_tokens=True)
     result["exact_match"] = sum(final_answer(t) == ex.answer for t, ex in zip(texts, examples)) / len(examples)
     result["examples"] = len(examples)
     return result, texts
+
+
+def write_generations(path: Path, examples: Sequence[Example], texts: Sequence[str]) -> None:
+    with open(path, "w") as f:
+        for ex, text in zip(examples, texts):
+            f.write(json.dumps({"answer": ex.answer, "generation": text}) + "\n")

@@ -2,21 +2,23 @@
 wrapper that runs backbone -> fused loss so the [tokens, vocab] logits are never formed.
 
 `PreferenceModel` holds the HF model's backbone (`get_decoder()`: embeddings, blocks, final
-norm) and a `LMHeadLoss` holding its LM head. The loss runs inside `LMHeadLoss.forward`, so under
+norm) and a `LMHeadLoss` holding its LM head. What the head computes is a `HeadTasks` method
+(preference loss, sequence log-probs, SFT NLL, next-token logits), run inside `LMHeadLoss.forward`, so under
 FSDP2 the head's weight is all-gathered by that module's own hooks: once per forward, not once
 per chunk of the kernel (parallelize.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
-from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from mio_kernels import fused_mio_loss, linear_logprobs
+from mio_kernels import FusedMIOLoss, linear_logprobs
+from mio_kernels.objective import PreferenceConfig
+from mio_kernels.sequence import reduce_sequences
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -130,56 +132,74 @@ def decoder_layers(backbone: nn.Module, lm: nn.Module) -> List[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-# ----------------------------------------------------------------------------- loss wrapper
+# ----------------------------------------------------------------------------- the LM head
+
+HeadTask = Callable[..., Dict[str, Tensor]]  # (hidden, weight, bias, **inputs) -> dict of tensors
+
+
+class HeadTasks:
+    """What the LM head computes, one method per use; each takes (hidden [S, T, H], weight [V, H],
+    bias [V] | None) and its own inputs, and returns a plain dict of tensors.
+
+    The preference loss is the op's own `FusedMIOLoss` module, configured once from the run's
+    `PreferenceConfig`. No host-syncing value checks in the step (check_values=False): token ids
+    are validated once, up front (Trainer: ids < vocab), and non-finite values are caught at log
+    and checkpoint time.
+    """
+
+    def __init__(self, loss_cfg: PreferenceConfig, backend: str = "auto"):
+        self.cfg, self.backend = loss_cfg, backend
+        self.loss = FusedMIOLoss(**dataclasses.asdict(loss_cfg), backend=backend, check_values=False)
+
+    def preference(self, hidden, weight, bias, labels: Tensor, ref_logps: Optional[Tensor]) -> Dict[str, Tensor]:
+        """The preference loss (+ SFT term) of one batch in the loss's row layout, and its metrics."""
+        out = self.loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps)
+        return {"loss": out.loss, "policy_logps": out.policy_logps, **out.metrics}
+
+    def sequence_logps(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
+        """[S] fp32 sequence log-probs in the loss's own reduction (what the op takes as ref_logps)."""
+        token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
+                                      backend=self.backend)
+        seq = reduce_sequences(token_logps, labels, self.cfg.ignore_index, self.cfg.length_normalized)
+        return {"policy_logps": seq.logps.float()}
+
+    def token_nll(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
+        """Summed NLL of the scored tokens (the SFT warm-up)."""
+        token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
+                                      backend=self.backend)
+        return {"nll_sum": -token_logps.sum()}
+
+    @staticmethod
+    def next_logits(hidden, weight, bias) -> Dict[str, Tensor]:
+        """[S, V] fp32 logits of the last position only (greedy decoding)."""
+        last = hidden[:, -1]
+        logits = last @ weight.T if bias is None else torch.addmm(bias, last, weight.T)
+        return {"logits": logits.float()}
+
 
 class LMHeadLoss(nn.Module):
-    """The LM head and every loss computed from it (weight and bias are read here, and only here).
-
-    forward(hidden [S, T, H], labels [S, T], mode, **kw) with mode
-      "pref":   fused_mio_loss  -> {"loss", "policy_logps" [S], metrics...}
-      "sft":    summed NLL of the scored tokens -> {"nll_sum", "tokens"}
-      "logps":  sequence log-probs in the loss's own reduction (reference pass) -> {"policy_logps"}
-      "next":   logits of the last position only -> {"logits" [S, V]} (greedy decoding)
-    Outputs are plain dicts of tensors so FSDP2 finds them (pytrees) for its backward hooks.
-    """
+    """The LM head; forward(hidden, task, **inputs) runs `task` on its weight (read here, and only
+    here, so FSDP2's hooks on this module gather it once per forward). Outputs are plain dicts of
+    tensors so FSDP2 finds them (pytrees) for its backward hooks."""
 
     def __init__(self, lm_head: nn.Linear):
         super().__init__()
         self.lm_head = lm_head
 
-    def forward(self, hidden: Tensor, labels: Optional[Tensor], mode: str, loss_kwargs: dict,
-                ref_logps: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    def forward(self, hidden: Tensor, task: HeadTask, **inputs) -> Dict[str, Tensor]:
         weight, bias = self.lm_head.weight, self.lm_head.bias
         if weight.dtype != hidden.dtype:  # autocast: run the head in the activations' dtype
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
-        if mode == "next":
-            last = hidden[:, -1]
-            logits = last @ weight.T if bias is None else torch.addmm(bias, last, weight.T)
-            return {"logits": logits.float()}
-        # No host-syncing value checks in the step: token ids are validated once, up front
-        # (Trainer: ids < vocab), and a NaN loss still shows in the logged metrics.
-        extra = {"check_values": False}
-        if mode == "pref":
-            out = fused_mio_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps, **loss_kwargs, **extra)
-            return {"loss": out.loss, "policy_logps": out.policy_logps, **out.metrics}
-        if mode == "logps":
-            kw = dict(loss_kwargs, reference_free=True, sft_weight=0.0)
-            out = fused_mio_loss(hidden, weight, labels, bias=bias, **kw, **extra)
-            return {"policy_logps": out.policy_logps}
-        if mode == "sft":
-            ignore = loss_kwargs.get("ignore_index", -100)
-            token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore,
-                                          backend=loss_kwargs.get("backend", "auto"))
-            return {"nll_sum": -token_logps.sum(), "tokens": (labels != ignore).sum()}
-        raise ValueError(f"unknown mode {mode!r}")
+        return task(hidden, weight, bias, **inputs)
 
 
 class PreferenceModel(nn.Module):
     """backbone (embeddings, blocks, final norm) + LMHeadLoss; the HF model is kept unregistered.
 
-    forward(input_ids [S, T], attention_mask [S, T], labels [S, T], mode, loss_kwargs, ref_logps)
-    -> the head's dict. Labels are already shifted: labels[:, t] is the token after position t.
+    forward(input_ids [S, T], attention_mask [S, T], task, **inputs) -> the task's dict, e.g.
+    model(**batch, task=tasks.preference, ref_logps=ref). Labels (in `inputs`) are already
+    shifted: labels[:, t] is the token after position t.
     """
 
     def __init__(self, lm: nn.Module, autocast_dtype: Optional[torch.dtype] = None):
@@ -193,9 +213,8 @@ class PreferenceModel(nn.Module):
     def tied(self) -> bool:
         return self.head.lm_head.weight is self.lm.get_input_embeddings().weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
-                mode: str = "pref", loss_kwargs: Optional[dict] = None, ref_logps: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, past_key_values=None) -> Dict[str, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, task: HeadTask,
+                position_ids: Optional[Tensor] = None, past_key_values=None, **inputs) -> Dict[str, Tensor]:
         device_type = input_ids.device.type
         use_cache = past_key_values is not None
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -206,7 +225,7 @@ class PreferenceModel(nn.Module):
         if self.autocast_dtype is not None:
             hidden = hidden.to(self.autocast_dtype)
         with torch.autocast(device_type, enabled=False):  # the fused op picks its own precisions
-            result = self.head(hidden, labels, mode, loss_kwargs or {}, ref_logps)
+            result = self.head(hidden, task, **inputs)
         if use_cache:
             result["past_key_values"] = out.past_key_values
         return result
