@@ -8,12 +8,14 @@ Saved for backward: the inputs, the O(N) softmax statistics and the [S] factor. 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from mio_kernels.backends import get_backend, resolve_backend
+from mio_kernels.losses import DEFAULT_LOSS
 from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
 from mio_kernels.sequence import reduce_sequences, result_dtype
@@ -49,6 +51,30 @@ def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: i
     return d_hidden, (d_weight if needs_weight else None), (d_bias if needs_bias else None)
 
 
+def _outside_autocast(device: torch.device):
+    """The op picks its own precisions (fp32 softmax statistics and accumulation): an enclosing
+    torch.autocast must not recast the GEMMs inside it, in the forward or in the backward."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _op_entry(fn):
+    """Public entry points take `hidden` first; they run outside any enclosing autocast."""
+    @functools.wraps(fn)
+    def run(hidden, *args, **kwargs):
+        if not isinstance(hidden, Tensor):
+            return fn(hidden, *args, **kwargs)  # validation names the argument
+        with _outside_autocast(hidden.device):
+            return fn(hidden, *args, **kwargs)
+    return run
+
+
+def _refuse_double_backward() -> None:
+    # Autograd enables grad mode inside backward only for create_graph=True.
+    if torch.is_grad_enabled():
+        raise RuntimeError("second derivatives of the fused kernels are not supported (backward with "
+                           "create_graph=True); use backend='reference' if you need them")
+
+
 class FusedPreferenceLossFunction(torch.autograd.Function):
     """(hidden, weight, labels, bias, ref_logps, cfg, backend, check_values) -> (loss, policy_logps, metrics)."""
 
@@ -69,10 +95,12 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics):
+        _refuse_double_backward()
         seq_token_grad = ctx.saved_tensors[5]
         labels = ctx.saved_tensors[2]
         grad_token_logp = (grad_loss * seq_token_grad)[:, None].expand(labels.shape)
-        d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index)
+        with _outside_autocast(labels.device):
+            d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index)
         return d_hidden, d_weight, None, d_bias, None, None, None, None
 
 
@@ -88,10 +116,13 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token_logps):
-        d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index)
+        _refuse_double_backward()
+        with _outside_autocast(grad_token_logps.device):
+            d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index)
         return d_hidden, d_weight, None, d_bias, None, None
 
 
+@_op_entry
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                     ignore_index: int = -100, backend: str = "auto") -> Tensor:
     """Per-token log-probs of `labels` under logits hidden @ weight.T (+ bias), never held whole.
@@ -106,10 +137,11 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Option
     return LinearLogprobsFunction.apply(hidden, weight, labels.long(), bias, ignore_index, backend)
 
 
+@_op_entry
 def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                    ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
                    ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
-                   loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
+                   loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
                    label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                    sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
                    check_values: bool = True) -> MIOLossOutput:
@@ -133,6 +165,8 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
         raise ValueError(f"hidden must be [S, T, H], got shape {tuple(hidden.shape)}")
     check_batch_layout(hidden.shape[0], cfg)
     check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight)
+    if check_values and ref_logps is not None:
+        check_finite_result(ref_logps, ref_logps=ref_logps)
     if ref_hidden is not None:
         check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
                             hidden_name="ref_hidden", weight_name="ref_weight", bias_name="ref_bias",
@@ -164,7 +198,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
 class FusedMIOLoss(nn.Module):
     """nn.Module form of `fused_mio_loss`: configure once, call with (hidden, weight, labels, ...)."""
 
-    def __init__(self, loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
+    def __init__(self, loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
                  label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                  sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
                  check_values: bool = True):

@@ -143,6 +143,7 @@ def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float)
 
 
 register_loss("mio", mio_loss, pairwise=False)
+DEFAULT_LOSS = "mio"  # the JS bound of the MIO paper
 register_loss("dpo", dpo_loss, pairwise=False)
 register_loss("ipo", _average_over_pairs(ipo_pair), pairwise=True, length_normalized=True)
 register_loss("hinge", _average_over_pairs(hinge_pair), pairwise=True)

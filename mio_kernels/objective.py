@@ -13,7 +13,7 @@ from typing import Dict, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from mio_kernels.losses import get_loss
+from mio_kernels.losses import DEFAULT_LOSS, get_loss
 from mio_kernels.sequence import SequenceLogps
 
 
@@ -21,7 +21,7 @@ from mio_kernels.sequence import SequenceLogps
 class PreferenceConfig:
     """The non-tensor options of the fused op (they travel into the autograd Function as one object)."""
 
-    loss_type: str = "mio"
+    loss_type: str = DEFAULT_LOSS
     beta: float = 0.1
     num_negatives: int = 1
     label_smoothing: float = 0.0

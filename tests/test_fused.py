@@ -235,3 +235,11 @@ def test_auto_backend_on_this_device():
     out = fused_mio_loss(**inputs)  # auto: triton on CUDA, native or reference on CPU
     ref = fused_mio_loss(**inputs, backend="reference")
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, abs(ref.loss.item()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_enclosing_autocast_does_not_lower_precision(backend):
+    """fp32 inputs under torch.autocast(bf16), forward and backward: the op keeps its own fp32 path."""
+    inputs = make_inputs(dtype=torch.float32, bias=False)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        compare_to_oracle(backend, inputs)

@@ -4,7 +4,11 @@ import torch
 
 from mio_kernels import FusedMIOLoss, fused_mio_loss, linear_logprobs
 
+from mio_kernels.backends import available_kernel_backends
+
 from conftest import DEVICE
+
+KERNEL_BACKENDS = available_kernel_backends(DEVICE)
 
 
 def batch(s=4, t=5, h=8, v=50, dtype=torch.float32):
@@ -85,6 +89,29 @@ def test_non_finite_input_is_a_clear_error(backend, where):
     args[where][0, 0] = float("nan")
     with pytest.raises(ValueError, match=f"{where} contains non-finite values"):
         fused_mio_loss(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_ref_logps_is_a_clear_error(backend, value):
+    args = batch()
+    args["ref_logps"][1] = value
+    with pytest.raises(ValueError, match="ref_logps contains non-finite values"):
+        fused_mio_loss(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_is_refused_plainly(backend):
+    args = batch()
+    hidden = args.pop("hidden").requires_grad_()
+    loss = fused_mio_loss(hidden, **args, backend=backend).loss
+    with pytest.raises(RuntimeError, match="second derivatives of the fused kernels are not supported"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    (grad,) = torch.autograd.grad(fused_mio_loss(hidden, **args, backend=backend).loss, hidden)
+    assert torch.isfinite(grad).all()  # first order is unaffected
+    logps = linear_logprobs(hidden, args["weight"], args["labels"], backend=backend)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(logps.sum(), hidden, create_graph=True)
 
 
 def test_module_validates_its_config_up_front():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mio_kernels.backends import BACKEND_NAMES
-from mio_kernels.losses import LOSSES
+from mio_kernels.losses import DEFAULT_LOSS, LOSSES
 from mio_kernels.objective import PreferenceConfig
 from mio_kernels.train.data import BUILTIN_DATASET
 from mio_kernels.train.model import BUILTIN_MODEL
@@ -83,7 +83,7 @@ class TrainConfig:
     """Prompt tokens kept (its last ones) when a row must be truncated."""
 
     # ---------------------------------------------------------------- preference loss
-    loss_type: str = "mio"
+    loss_type: str = DEFAULT_LOSS
     """A registered loss (mio_kernels.losses.LOSSES, formulas in mio_kernels/losses.py; a loss added
     with register_loss before the CLI runs is accepted too)."""
     beta: Optional[float] = None

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mio_kernels import fused_mio_loss, linear_logprobs
+from mio_kernels.losses import DEFAULT_LOSS, LOSSES
 
 
 def random_preference_batch(pairs: int, prompt_len: int, response_len: int, vocab: int, generator):
@@ -32,7 +33,7 @@ def sequence_logps(model, input_ids, labels):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--loss-type", default="mio")
+    parser.add_argument("--loss-type", default=DEFAULT_LOSS, choices=LOSSES)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
