@@ -18,9 +18,9 @@ from mio_kernels.backends import get_backend, resolve_backend
 from mio_kernels.losses import DEFAULT_LOSS
 from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
-from mio_kernels.sequence import reduce_sequences, result_dtype
+from mio_kernels.sequence import per_token, reduce_sequences, result_dtype
 from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
-                                    check_reference)
+                                    check_packing, check_reference)
 
 
 def _flat(hidden: Tensor, labels: Tensor):
@@ -76,17 +76,18 @@ def _refuse_double_backward() -> None:
 
 
 class FusedPreferenceLossFunction(torch.autograd.Function):
-    """(hidden, weight, labels, bias, ref_logps, cfg, backend, check_values) -> (loss, policy_logps, metrics)."""
+    """(hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)
+    -> (loss, policy_logps, metrics)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ref_logps, cfg: PreferenceConfig, backend: str,
+    def forward(ctx, hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg: PreferenceConfig, backend: str,
                 check_values: bool):
         token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, cfg.ignore_index)
-        policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
+        policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized, cu_seqlens)
         if check_values:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
         objective = preference_objective(policy, ref_logps, cfg)
-        ctx.save_for_backward(hidden, weight, labels, bias, softmax_stats, objective.seq_token_grad)
+        ctx.save_for_backward(hidden, weight, labels, bias, softmax_stats, objective.seq_token_grad, cu_seqlens)
         ctx.cfg, ctx.backend = cfg, backend
         out_dtype = result_dtype(hidden)
         policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
@@ -96,12 +97,11 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics):
         _refuse_double_backward()
-        seq_token_grad = ctx.saved_tensors[5]
-        labels = ctx.saved_tensors[2]
-        grad_token_logp = (grad_loss * seq_token_grad)[:, None].expand(labels.shape)
+        labels, seq_token_grad, cu_seqlens = ctx.saved_tensors[2], ctx.saved_tensors[5], ctx.saved_tensors[6]
+        grad_token_logp = per_token(grad_loss * seq_token_grad, labels, cu_seqlens)
         with _outside_autocast(labels.device):
             d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index)
-        return d_hidden, d_weight, None, d_bias, None, None, None, None
+        return d_hidden, d_weight, None, d_bias, None, None, None, None, None
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -139,7 +139,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Option
 
 @_op_entry
 def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                   ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
+                   cu_seqlens: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
                    ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                    loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
                    label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
@@ -150,6 +150,9 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     hidden [S, T, H] policy final hidden states (fp32/bf16/fp16), weight [V, H], labels [S, T] int
     (already shifted; ignore_index = not scored). Rows: P chosen, then K = num_negatives blocks of P
     rejected (S = P * (1 + K); K = 1 is TRL's/Liger's concatenated layout).
+    Padding-free: hidden [N, H], labels [N] and cu_seqlens [S+1] (int32/int64, flash-attention's
+    convention: sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]), sequences in the same row order,
+    labels shifted within each sequence (its last token ignore_index); ref_hidden packed the same way.
     Reference: ref_logps [S] (same reduction as policy_logps: a mean when length-normalised), or the
     reference model's ref_hidden [S, T, H_ref] + ref_weight [V, H_ref] (+ ref_bias), scored
     forward-only; neither with reference_free=True.
@@ -161,10 +164,9 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                            reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index)
     check_config(cfg)
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_label_values=check_values)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [S, T, H], got shape {tuple(hidden.shape)}")
-    check_batch_layout(hidden.shape[0], cfg)
-    check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight)
+    num_sequences = check_packing(hidden, cu_seqlens, check_values)
+    check_batch_layout(num_sequences, cfg)
+    check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight, num_sequences)
     if check_values and ref_logps is not None:
         check_finite_result(ref_logps, ref_logps=ref_logps)
     if ref_hidden is not None:
@@ -175,7 +177,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     labels = labels.long()
 
     if backend == "reference":
-        out = reference_preference_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps,
+        out = reference_preference_loss(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
                                         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                                         **dataclasses.asdict(cfg))
         if check_values:
@@ -186,12 +188,13 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
         with torch.no_grad():  # the reference model runs the forward kernel only
             ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(), labels,
                                                    None if ref_bias is None else ref_bias.detach(), ignore_index)
-            ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized).logps
+            ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized, cu_seqlens).logps
             ref_logps = ref_logps.to(result_dtype(hidden))
             if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
-        hidden, weight, labels, bias, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_values)
+        hidden, weight, labels, bias, cu_seqlens, None if ref_logps is None else ref_logps.detach(), cfg, backend,
+        check_values)
     return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics))
 
 
@@ -211,9 +214,11 @@ class FusedMIOLoss(nn.Module):
                                          if k not in ("backend", "check_values")}))
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
-                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None) -> MIOLossOutput:
-        return fused_mio_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
+                cu_seqlens: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                ref_bias: Optional[Tensor] = None) -> MIOLossOutput:
+        return fused_mio_loss(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
+                              ref_hidden=ref_hidden,
                               ref_weight=ref_weight, ref_bias=ref_bias, **self.options)
 
     def extra_repr(self) -> str:

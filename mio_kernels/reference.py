@@ -29,21 +29,22 @@ def reference_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bia
     return torch.where(scored, token_logps, 0.0)
 
 
-def reference_sequence_logps(hidden, weight, labels, bias, cfg: PreferenceConfig):
+def reference_sequence_logps(hidden, weight, labels, bias, cfg: PreferenceConfig, cu_seqlens=None):
     token_logps = reference_token_logprobs(hidden, weight, labels, bias, cfg.ignore_index)
-    return reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized)
+    return reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized, cu_seqlens)
 
 
 def reference_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                              cu_seqlens: Optional[Tensor] = None,
                               ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
                               ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                               **options):
     """Same arguments and result as `fused_mio_loss`, computed naively. Does not validate inputs."""
     cfg = PreferenceConfig(**options)
-    policy = reference_sequence_logps(hidden, weight, labels, bias, cfg)
+    policy = reference_sequence_logps(hidden, weight, labels, bias, cfg, cu_seqlens)
     if ref_logps is None and ref_hidden is not None:
         with torch.no_grad():
-            ref_logps = reference_sequence_logps(ref_hidden, ref_weight, labels, ref_bias, cfg).logps
+            ref_logps = reference_sequence_logps(ref_hidden, ref_weight, labels, ref_bias, cfg, cu_seqlens).logps
     objective = preference_objective(policy, ref_logps, cfg)
     out_dtype = result_dtype(hidden)
     return MIOLossOutput(

@@ -1,9 +1,13 @@
-"""Sequence layer: per-token log-probs [S, T] -> per-sequence log-probs [S], and the factor its
-backward hands each token.
+"""Sequence layer: per-token log-probs -> per-sequence log-probs [S], and the factor its backward
+hands each token.
+
+Two layouts of the same S sequences: padded, token log-probs [S, T] (a row per sequence), or
+packed, [N] with cu_seqlens [S+1] (flash-attention's convention: sequence i is tokens
+cu_seqlens[i]:cu_seqlens[i+1]). Both reduce to the same [S] results.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -16,17 +20,38 @@ class SequenceLogps(NamedTuple):
     scale: Tensor       # [S] d l / d logp_t for each scored token t (1, or 1/count)
 
 
-def reduce_sequences(token_logps: Tensor, labels: Tensor, ignore_index: int, length_normalized: bool) -> SequenceLogps:
-    """token_logps [S, T] (0 at ignored positions), labels [S, T] -> per-sequence log-probs, float64.
+def reduce_sequences(token_logps: Tensor, labels: Tensor, ignore_index: int, length_normalized: bool,
+                     cu_seqlens: Optional[Tensor] = None) -> SequenceLogps:
+    """token_logps (0 at ignored positions) and labels, [S, T] or packed [N] with cu_seqlens ->
+    per-sequence log-probs, float64.
 
     Sums run in float64: l of a long sequence is large (~T log V) while the losses need it to
     better than fp32's ~1e-7 of |l| (the pairwise losses take differences of nearby l's). Cheap:
-    [S, T] in, [S] out. A fully masked sequence has l = 0 (and count 0), in both reductions.
+    tokens in, [S] out. A sequence with no scored token has l = 0 (and count 0), in both reductions.
     """
-    counts = (labels != ignore_index).sum(-1).to(torch.float64)
-    sums = token_logps.to(torch.float64).sum(-1)
+    scored = (labels != ignore_index).to(torch.float64)
+    if cu_seqlens is None:
+        counts, sums = scored.sum(-1), token_logps.to(torch.float64).sum(-1)
+    else:
+        counts, sums = segment_sums(scored, cu_seqlens), segment_sums(token_logps.to(torch.float64), cu_seqlens)
     scale = 1.0 / counts.clamp(min=1.0) if length_normalized else torch.ones_like(counts)
     return SequenceLogps(sums * scale, sums, counts, scale)
+
+
+def segment_sums(values: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """values [N] float64 -> [S] sums over cu_seqlens' segments (differences of one prefix sum:
+    deterministic on every device, and no [S, max_len] tensor)."""
+    prefix = torch.cat([values.new_zeros(1), values.cumsum(0)])
+    cu = cu_seqlens.long()
+    return prefix[cu[1:]] - prefix[cu[:-1]]
+
+
+def per_token(seq_values: Tensor, labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """[S] per-sequence values -> one per token, shaped like labels (the backward's dL/dlogp_t)."""
+    if cu_seqlens is None:
+        return seq_values[:, None].expand(labels.shape)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return seq_values.repeat_interleave(lengths, output_size=labels.shape[0])  # no host sync
 
 
 def result_dtype(hidden: Tensor) -> torch.dtype:

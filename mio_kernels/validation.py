@@ -83,14 +83,43 @@ def check_config(cfg: PreferenceConfig) -> None:
         raise ValueError(f"sft_weight must be a finite number >= 0, got {cfg.sft_weight!r}")
 
 
+def check_packing(hidden: Tensor, cu_seqlens: Optional[Tensor], check_values: bool) -> int:
+    """Padded hidden [S, T, H], or packed hidden [N, H] with cu_seqlens [S+1]; returns S.
+
+    The values of cu_seqlens (0 first, non-decreasing, N last) cost one host sync: checked with
+    check_values."""
+    if cu_seqlens is None:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [S, T, H] (or [N, H] with cu_seqlens), got shape {tuple(hidden.shape)}")
+        return hidden.shape[0]
+    _require_tensor("cu_seqlens", cu_seqlens)
+    if hidden.dim() != 2:
+        raise ValueError(f"with cu_seqlens, hidden must be packed [N, H], got shape {tuple(hidden.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [S+1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+    if check_values:
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {first}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing (sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1])")
+        if last != hidden.shape[0]:
+            raise ValueError(f"cu_seqlens must end at N = {hidden.shape[0]} (hidden's tokens), got {last}")
+    return cu_seqlens.numel() - 1
+
+
 def check_batch_layout(num_rows: int, cfg: PreferenceConfig) -> None:
     if num_rows % (1 + cfg.num_negatives) != 0:
-        raise ValueError(f"hidden has S={num_rows} rows, not divisible by 1 + num_negatives = "
+        raise ValueError(f"the batch has S={num_rows} sequences, not divisible by 1 + num_negatives = "
                          f"{1 + cfg.num_negatives}: rows must be [chosen (P); rejected_1 (P); ...; rejected_K (P)]")
 
 
 def check_reference(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, ref_logps: Optional[Tensor],
-                    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor]) -> None:
+                    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], num_sequences: int) -> None:
     has_logps = ref_logps is not None
     has_states = ref_hidden is not None or ref_weight is not None
     if cfg.reference_free:
@@ -103,8 +132,8 @@ def check_reference(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, ref_l
                          + (" (got both)" if has_logps else " (got neither)"))
     if has_logps:
         _require_tensor("ref_logps", ref_logps)
-        if ref_logps.shape != (hidden.shape[0],):
-            raise ValueError(f"ref_logps must be [S] = [{hidden.shape[0]}], got {tuple(ref_logps.shape)}")
+        if ref_logps.shape != (num_sequences,):
+            raise ValueError(f"ref_logps must be [S] = [{num_sequences}], got {tuple(ref_logps.shape)}")
         if not ref_logps.dtype.is_floating_point:
             raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
         if ref_logps.device != hidden.device:
@@ -113,7 +142,7 @@ def check_reference(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, ref_l
         if ref_hidden is None or ref_weight is None:
             raise ValueError("the reference model's states need both ref_hidden and ref_weight")
         if ref_hidden.shape[:-1] != hidden.shape[:-1]:
-            raise ValueError(f"ref_hidden must be [S, T, H_ref] with S, T = {tuple(hidden.shape[:-1])}, "
+            raise ValueError(f"ref_hidden must be hidden's shape but H_ref: {tuple(hidden.shape[:-1])} + (H_ref,), "
                              f"got {tuple(ref_hidden.shape)}")
         if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"ref_weight must be [V, H_ref] with V = {weight.shape[0]} (the policy's vocabulary), "
