@@ -153,9 +153,12 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     Padding-free: hidden [N, H], labels [N] and cu_seqlens [S+1] (int32/int64, flash-attention's
     convention: sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]), sequences in the same row order,
     labels shifted within each sequence (its last token ignore_index); ref_hidden packed the same way.
-    Reference: ref_logps [S] (same reduction as policy_logps: a mean when length-normalised), or the
-    reference model's ref_hidden [S, T, H_ref] + ref_weight [V, H_ref] (+ ref_bias), scored
-    forward-only; neither with reference_free=True.
+    Reference: ref_logps [S], reference sequence log-prob SUMS for every loss type (TRL's
+    convention; the op gives them the policy's reduction itself, a per-token mean for ipo and
+    average_log_prob=True), or the reference model's ref_hidden [S, T, H_ref] + ref_weight
+    [V, H_ref] (+ ref_bias), scored forward-only; neither with reference_free=True.
+    Returned: policy_logps in the loss's reduction (sum, or mean when length-normalised);
+    ref_logps as sums (what a caller caches and passes back).
     Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
     """
@@ -188,7 +191,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
         with torch.no_grad():  # the reference model runs the forward kernel only
             ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(), labels,
                                                    None if ref_bias is None else ref_bias.detach(), ignore_index)
-            ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized, cu_seqlens).logps
+            ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized, cu_seqlens).token_sums
             ref_logps = ref_logps.to(result_dtype(hidden))
             if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)

@@ -45,7 +45,7 @@ class MIOLossOutput:
 
     loss: Tensor                   # scalar, differentiable w.r.t. hidden, weight, bias
     policy_logps: Tensor           # [S] detached sequence log-probs l(y)
-    ref_logps: Optional[Tensor]    # [S] detached reference log-probs (None when reference_free)
+    ref_logps: Optional[Tensor]    # [S] detached reference sequence SUMS (None when reference_free)
     metrics: Dict[str, Tensor]     # detached 0-dim tensors, TRL names (call .item() at log time)
 
 
@@ -58,13 +58,15 @@ class Objective(NamedTuple):
 def preference_objective(policy: SequenceLogps, ref_logps: Optional[Tensor], cfg: PreferenceConfig) -> Objective:
     """L = mean over prompts of the registered loss (+ sft_weight * mean NLL over chosen tokens).
 
-    `policy.logps` may carry autograd history (reference backend); the closed-form gradient is
-    returned as well, for the fused backward.
+    `ref_logps` [S] are reference sequence SUMS, whatever the loss (TRL's convention): the
+    reference gets the policy's own reduction here, `policy.scale` (1, or 1/count when
+    length-normalised; both sequences score the same tokens). `policy.logps` may carry autograd
+    history (reference backend); the closed-form gradient is returned as well, for the fused backward.
     """
     spec = get_loss(cfg.loss_type)
     k = cfg.num_negatives
     logps = policy.logps
-    u = logps if cfg.reference_free else logps - ref_logps.to(logps.dtype)
+    u = logps if cfg.reference_free else logps - ref_logps.to(logps.dtype) * policy.scale.to(logps.dtype)
     u = u.view(1 + k, -1)                              # [1+K, P]
     num_prompts = u.shape[1]
     per_prompt = spec.fn(u[0], u[1:], cfg.beta, cfg.label_smoothing)

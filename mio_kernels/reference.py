@@ -44,7 +44,7 @@ def reference_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     policy = reference_sequence_logps(hidden, weight, labels, bias, cfg, cu_seqlens)
     if ref_logps is None and ref_hidden is not None:
         with torch.no_grad():
-            ref_logps = reference_sequence_logps(ref_hidden, ref_weight, labels, ref_bias, cfg, cu_seqlens).logps
+            ref_logps = reference_sequence_logps(ref_hidden, ref_weight, labels, ref_bias, cfg, cu_seqlens).token_sums
     objective = preference_objective(policy, ref_logps, cfg)
     out_dtype = result_dtype(hidden)
     return MIOLossOutput(

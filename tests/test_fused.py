@@ -243,3 +243,37 @@ def test_enclosing_autocast_does_not_lower_precision(backend):
     inputs = make_inputs(dtype=torch.float32, bias=False)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         compare_to_oracle(backend, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(loss_type=name) for name in sorted(LOSSES)]
+                         + [dict(loss_type="mio", average_log_prob=True),
+                            dict(loss_type="dpo", average_log_prob=True, num_negatives=2)],
+                         ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_ref_logps_are_sums_for_every_loss(backend, options):
+    """ref_logps are sequence sums whatever the loss (TRL's convention): the op reduces them like the
+    policy itself. Passing the reference model's sums equals passing its states to the oracle, and
+    the log-ratios are the length-normalised ones where the loss is (ipo, average_log_prob)."""
+    k = options.get("num_negatives", 1)
+    smoothing = 0.15 if options["loss_type"] == "robust" else 0.0
+    inputs = make_inputs(s=2 * (1 + k), t=9, v=521, ref="states", mask_rows=(1,))
+    labels = inputs["labels"]
+    ref_sums = reference_token_logprobs(inputs["ref_hidden"], inputs["ref_weight"], labels,
+                                        inputs["ref_bias"]).double().sum(-1)
+    policy = {key: inputs[key] for key in ("hidden", "weight", "labels", "bias")}
+    options = dict(options, beta=0.2, label_smoothing=smoothing)
+    ours = fused_mio_loss(**policy, ref_logps=ref_sums.float(), backend=backend, **options)
+    oracle = reference_preference_loss(**{k: (v.double() if v.is_floating_point() else v)
+                                          for k, v in inputs.items()}, **options)
+    assert oracle.ref_logps is not None and torch.allclose(oracle.ref_logps, ref_sums, rtol=1e-6)
+    floor = max(abs(oracle.loss.item()), 1e-2)
+    assert abs(ours.loss.item() - oracle.loss.item()) <= 1e-5 * floor
+    # the log-ratio the metrics report: beta * (l - l_ref) in the loss's reduction
+    counts = (labels != IGNORE).sum(-1).clamp(min=1).double()
+    normalised = options.get("average_log_prob") or LOSSES[options["loss_type"]].length_normalized
+    u = ours.policy_logps.double() - (ref_sums / counts if normalised else ref_sums)
+    p = labels.shape[0] // (1 + k)
+    assert ours.metrics["rewards/chosen"].item() == pytest.approx(0.2 * u[:p].mean().item(), rel=1e-4, abs=1e-5)
+    via_states = fused_mio_loss(**inputs, backend=backend, **options)
+    assert via_states.ref_logps.double() == pytest.approx(ref_sums, rel=1e-5, abs=1e-4)
+    assert abs(via_states.loss.item() - ours.loss.item()) <= 1e-5 * floor

@@ -168,3 +168,18 @@ def test_eval_metrics_are_the_objectives():
     free = preference_metrics(logps, None, PreferenceConfig(beta=0.5, num_negatives=2, reference_free=True))
     assert free["rewards/chosen"] == pytest.approx(0.5 * logps[:, 0].mean().item())
 
+
+def test_eval_metrics_length_normalised_take_sums_and_counts():
+    """ipo / average_log_prob: the table holds sums (policy and reference); metrics use per-token means."""
+    from mio_kernels.objective import PreferenceConfig
+    from mio_kernels.train.evaluate import preference_metrics
+
+    sums, ref = -10 * torch.rand(5, 2, dtype=torch.float64), -10 * torch.rand(5, 2, dtype=torch.float64)
+    counts = torch.randint(1, 9, (5, 2)).double()
+    got = preference_metrics(sums, ref, PreferenceConfig(loss_type="ipo", beta=0.5), counts)
+    r = 0.5 * (sums - ref) / counts
+    assert got["rewards/chosen"] == pytest.approx(r[:, 0].mean().item(), rel=1e-12)
+    assert got["logps/rejected"] == pytest.approx((sums / counts)[:, 1].mean().item(), rel=1e-12)
+    with pytest.raises(ValueError, match="counts"):
+        preference_metrics(sums, ref, PreferenceConfig(loss_type="ipo"))
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -21,13 +21,17 @@ from mio_kernels.train.model import HeadTasks
 from mio_kernels.train.parallelize import Dist, all_reduce_sum, reshard_all
 
 
+class ScoredResponses(NamedTuple):
+    sums: Tensor    # [N, 1 + K] fp32 sequence log-prob sums (column 0 = chosen): what the op takes as ref_logps
+    counts: Tensor  # [N, 1 + K] fp32 scored tokens of each response
+
+
 @torch.no_grad()
 def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_size: int, pad_id: int,
-                   d: Dist) -> Tensor:
-    """[N, 1 + K] fp32 (CPU) sequence log-probs of every response, in the loss's own reduction
-    (sum, or mean when length-normalised): exactly what fused_mio_loss takes as ref_logps."""
+                   d: Dist) -> ScoredResponses:
+    """Sequence log-prob sums and token counts of every response (on CPU)."""
     n, width = len(examples), len(examples[0].responses)
-    out = torch.zeros(n, width, dtype=torch.float32, device=d.device)
+    out = torch.zeros(2, n, width, dtype=torch.float32, device=d.device)
     starts = list(range(0, n, batch_size))
     rounds = -(-len(starts) // d.world_size)
     for r in range(rounds):
@@ -36,11 +40,13 @@ def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_s
         lo = starts[j] if real else 0  # a process without a chunk repeats chunk 0 and drops it
         chunk = examples[lo:lo + batch_size]
         batch = {k: v.to(d.device) for k, v in collate(chunk, pad_id, tasks.cfg.ignore_index).items()}
-        logps = model(**batch, task=tasks.sequence_logps)["policy_logps"]
+        scored = model(**batch, task=tasks.sequence_logps)
         if real:
-            out[lo:lo + len(chunk)] = logps.float().view(width, len(chunk)).T
+            for i, key in enumerate(("policy_logps", "token_counts")):
+                out[i, lo:lo + len(chunk)] = scored[key].float().view(width, len(chunk)).T
     reshard_all(model)
-    return all_reduce_sum(out, d).cpu()
+    sums, counts = all_reduce_sum(out, d).cpu()
+    return ScoredResponses(sums, counts)
 
 
 @torch.no_grad()
@@ -78,25 +84,33 @@ def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int
     return results
 
 
-def _objective_metrics(logps: Tensor, ref_logps: Optional[Tensor], cfg: PreferenceConfig) -> Dict[str, float]:
-    """The op's own metrics (mio_kernels.objective) of [N, 1 + K] log-probs, laid out as its rows."""
-    rows = logps.T.reshape(-1).double()  # chosen block, then K rejected blocks
-    ones = torch.ones_like(rows)
-    ref = None if cfg.reference_free else ref_logps.T.reshape(-1).double()
-    metrics = preference_objective(SequenceLogps(rows, rows, ones, ones), ref, cfg).metrics
+def _objective_metrics(sums: Tensor, counts: Tensor, ref_sums: Optional[Tensor],
+                       cfg: PreferenceConfig) -> Dict[str, float]:
+    """The op's own metrics (mio_kernels.objective) of [N, 1 + K] log-prob sums, laid out as its rows."""
+    rows = sums.T.reshape(-1).double()  # chosen block, then K rejected blocks
+    counts = counts.T.reshape(-1).double()
+    scale = 1.0 / counts.clamp(min=1.0) if cfg.length_normalized else torch.ones_like(rows)
+    ref = None if cfg.reference_free else ref_sums.T.reshape(-1).double()
+    metrics = preference_objective(SequenceLogps(rows * scale, rows, counts, scale), ref, cfg).metrics
     return {k: v.item() for k, v in metrics_dict(metrics).items() if k != "nll"}
 
 
-def preference_metrics(logps: Tensor, ref_logps: Optional[Tensor], cfg: PreferenceConfig) -> Dict[str, float]:
-    """Held-out preference metrics from [N, 1 + K] log-probs (column 0 = chosen).
+def preference_metrics(sums: Tensor, ref_sums: Optional[Tensor], cfg: PreferenceConfig,
+                       counts: Optional[Tensor] = None) -> Dict[str, float]:
+    """Held-out preference metrics from [N, 1 + K] log-prob sums (column 0 = chosen) and, for a
+    length-normalised loss, the [N, 1 + K] token counts.
 
     rewards/*: the op's metrics (rewards/accuracies: r_w > max_k r_k; 0 at the reference itself,
     where every reward is 0); logps/accuracies: the model's own ranking, l_w > max_k l_k (the
     same metric without a reference and beta = 1).
     """
+    if counts is None:
+        if cfg.length_normalized:
+            raise ValueError("preference_metrics: a length-normalised loss needs the token counts (counts=)")
+        counts = torch.ones_like(sums)
     cfg = dataclasses.replace(cfg, sft_weight=0.0)
-    result = _objective_metrics(logps, ref_logps, cfg)
-    own = _objective_metrics(logps, None, dataclasses.replace(cfg, reference_free=True, beta=1.0))
+    result = _objective_metrics(sums, counts, ref_sums, cfg)
+    own = _objective_metrics(sums, counts, None, dataclasses.replace(cfg, reference_free=True, beta=1.0))
     result["logps/accuracies"] = own["rewards/accuracies"]
     return result
 
@@ -109,8 +123,8 @@ def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], to
     response's (whitespace ignored); see data.final_answer.
     """
     pad = tokenizer.pad_token_id
-    logps = sequence_logps(model, examples, tasks, batch_size, pad, d)
-    result = preference_metrics(logps, ref_logps, tasks.cfg)
+    scored = sequence_logps(model, examples, tasks, batch_size, pad, d)
+    result = preference_metrics(scored.sums, ref_logps, tasks.cfg, scored.counts)
     gens = greedy_generate(model, examples, pad, tokenizer.eos_token_id, max_new_tokens, batch_size, d, config)
     texts = tokenizer.batch_decode(gens, skip_special_tokens=True)
     result["exact_match"] = sum(final_answer(t) == ex.answer for t, ex in zip(texts, examples)) / len(examples)

@@ -157,11 +157,12 @@ class HeadTasks:
         return {"loss": out.loss, "policy_logps": out.policy_logps, **out.metrics}
 
     def sequence_logps(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
-        """[S] fp32 sequence log-probs in the loss's own reduction (what the op takes as ref_logps)."""
+        """[S] fp32 sequence log-prob SUMS (what the op takes as ref_logps, for every loss type) and
+        [S] scored-token counts (to apply a length-normalised loss's reduction to them)."""
         token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
                                       backend=self.backend)
-        seq = reduce_sequences(token_logps, labels, self.cfg.ignore_index, self.cfg.length_normalized)
-        return {"policy_logps": seq.logps.float()}
+        seq = reduce_sequences(token_logps, labels, self.cfg.ignore_index, length_normalized=False)
+        return {"policy_logps": seq.token_sums.float(), "token_counts": seq.counts.float()}
 
     def token_nll(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
         """Summed NLL of the scored tokens (the SFT warm-up)."""

@@ -5,8 +5,8 @@ The reference is the policy as it is after the SFT warm-up. `--reference`:
               (and the held-out set) before preference training: no second model in memory;
   online      a frozen copy of the policy, sharded like it, scores each batch;
   none        reference-free (the loss sees log-probs, not log-ratios).
-Log-probs are in the loss's own reduction (sum, or mean when length-normalised) and, per batch,
-in its row layout (chosen block, then K rejected blocks).
+Log-probs are sequence SUMS for every loss type (the op applies a length-normalised loss's
+reduction itself) and, per batch, in the loss's row layout (chosen block, then K rejected blocks).
 """
 from __future__ import annotations
 
@@ -32,19 +32,19 @@ def frozen_copy(lm: torch.nn.Module, d: Dist, bf16: bool) -> PreferenceModel:
 
 def score_table(model, examples: Sequence[Example], needed: Sequence[int], tasks: HeadTasks, batch_size: int,
                 pad_id: int, d: Dist) -> Tensor:
-    """[N, 1 + K] fp32 reference log-probs of `examples`; rows not in `needed` stay NaN, so using
+    """[N, 1 + K] fp32 reference log-prob sums of `examples`; rows not in `needed` stay NaN, so using
     one by mistake shows as a NaN loss."""
     width = len(examples[0].responses) if examples else 1
     table = torch.full((len(examples), width), float("nan"))
     needed = sorted(set(needed))
     if needed:
-        table[needed] = sequence_logps(model, [examples[i] for i in needed], tasks, batch_size, pad_id, d)
+        table[needed] = sequence_logps(model, [examples[i] for i in needed], tasks, batch_size, pad_id, d).sums
     return table
 
 
 def batch_reference(mode: str, ref_train: Optional[Tensor], ref_model, tasks: HeadTasks, indices: Sequence[int],
                     batch: Dict[str, Tensor], device: torch.device) -> Optional[Tensor]:
-    """[S] reference log-probs of the batch of prompts `indices`, in the loss's row layout."""
+    """[S] reference log-prob sums of the batch of prompts `indices`, in the loss's row layout."""
     if mode == "none":
         return None
     if mode == "online":

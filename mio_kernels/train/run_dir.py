@@ -45,7 +45,20 @@ def run_identity(cfg: TrainConfig) -> Dict[str, Any]:
     values = dataclasses.asdict(cfg)
     values.update(beta=cfg.resolved_beta(), lr=cfg.resolved_lr(), sft_steps=cfg.resolved_sft_steps(),
                   eval_dataset=cfg.resolved_eval_dataset())
+    values["reference_log_probs"] = REFERENCE_SUMS
     return {k: v for k, v in values.items() if k not in MAY_CHANGE_ON_RESUME}
+
+
+REFERENCE_SUMS = "sequence sums"  # how checkpoints store reference log-probs (older versions: the loss's reduction)
+
+
+def _saved_reference_convention(saved: Dict[str, Any]) -> str:
+    """Older checkpoints stored per-token means for a length-normalised loss; sums otherwise."""
+    from mio_kernels.losses import LOSSES
+
+    spec = LOSSES.get(saved.get("loss_type"))
+    normalised = saved.get("average_log_prob") or (spec is not None and spec.length_normalized)
+    return REFERENCE_SUMS if not normalised else "per-token means (an older version)"
 
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> str:
@@ -65,7 +78,9 @@ def _saved_identity(path: Path) -> Dict[str, Any]:
     if "config" not in state:
         raise RunDirError(f"--resume: checkpoint {path} records no configuration (written by an older "
                           "version?): it cannot be checked, pass --overwrite to start over")
-    return state["config"]
+    saved = state["config"]
+    saved.setdefault("reference_log_probs", _saved_reference_convention(saved))
+    return saved
 
 
 def plan_run(cfg: TrainConfig) -> RunPlan:

@@ -25,7 +25,7 @@ class TrainState(Stateful):
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.ref_train: Optional[torch.Tensor] = None    # [N, 1+K] reference log-probs (precompute)
+        self.ref_train: Optional[torch.Tensor] = None    # [N, 1+K] reference log-prob sums (precompute)
         self.ref_eval: Optional[torch.Tensor] = None     # [N_eval, 1+K]
         self.ref_model: Optional[torch.nn.Module] = None  # online: a frozen copy of the policy
         self.progress: Dict[str, Any] = fresh_progress()

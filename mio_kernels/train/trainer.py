@@ -231,7 +231,7 @@ class Trainer:
         # online/none: an all-NaN table, unused; it keeps checkpoints uniform
         st.ref_train = score_table(self.model, self.train, needed, self.tasks, bs, self.pad_id, self.d)
         st.progress["reference_steps"] = spec.steps
-        st.ref_eval = (sequence_logps(self.model, self.eval_examples, self.tasks, bs, self.pad_id, self.d)
+        st.ref_eval = (sequence_logps(self.model, self.eval_examples, self.tasks, bs, self.pad_id, self.d).sums
                        if self.eval_examples else torch.zeros(0, 1 + self.k))
         scored = (f"{int(st.ref_train[:, 0].isfinite().sum())} training prompts"
                   if cfg.reference == "precompute" else "training prompts scored per batch")
