@@ -199,7 +199,9 @@ def _labels_and_model_kwargs(inputs: Dict[str, Tensor]):
 
 def _sequence_sums(hidden, weight, bias, labels, backend: str) -> Dict[str, Tensor]:
     token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=backend)
-    return {"sums": token_logps.sum(-1)}
+    # summed in float64 like the op's own sequence reduction, so a policy equal to its reference has
+    # rewards of exactly 0 (then cast to fp32 like the op's policy_logps)
+    return {"sums": token_logps.double().sum(-1).float()}
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -270,9 +272,9 @@ class MIOTrainer(DPOTrainer):
         _add_mio_head(inner.get_base_model() if is_peft_model(inner) else inner)
         return model
 
-    def _reference_sums(self, model, labels: Tensor, model_kwargs: Dict[str, Any]) -> Tensor:
+    def _reference_sums(self, model, labels: Tensor, model_kwargs: Dict[str, Any], precompute: bool) -> Tensor:
         """[S] reference log-prob sums of a batch from `model`: the reference model, or the policy
-        (with its adapter disabled under PEFT, as TRL does)."""
+        (with its adapter disabled under PEFT), under the accelerator's autocast when precomputing (as TRL)."""
         adapter = contextlib.nullcontext()
         inner = self.accelerator.unwrap_model(self.model)
         if self.ref_model is None and is_peft_model(inner):
@@ -280,13 +282,13 @@ class MIOTrainer(DPOTrainer):
         backend = self.mio_backend
         head = lambda h, w, b, y: _sequence_sums(h, w, b, y, backend)  # noqa: E731
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                adapter, self.accelerator.autocast():
+                adapter, (self.accelerator.autocast() if precompute else contextlib.nullcontext()):
             return self._patched(model)(**model_kwargs, labels=labels, mio_head=head)["sums"].float()
 
     def compute_ref_log_probs(self, model, inputs):
         """(chosen [P], rejected [P] or [P, K]) reference sums of one padded batch (precompute_ref_log_probs)."""
         labels, kwargs = _labels_and_model_kwargs(inputs)
-        blocks = self._reference_sums(model, labels, kwargs).view(1 + self.num_negatives, -1)
+        blocks = self._reference_sums(model, labels, kwargs, precompute=True).view(1 + self.num_negatives, -1)
         rejected = blocks[1:].T
         return blocks[0], (rejected[:, 0] if self.num_negatives == 1 else rejected)
 
@@ -298,7 +300,7 @@ class MIOTrainer(DPOTrainer):
             ref = torch.cat([inputs["ref_chosen_logps"].reshape(-1),
                              inputs["ref_rejected_logps"].reshape(len(inputs["ref_chosen_logps"]), -1).T.reshape(-1)])
         else:
-            ref = self._reference_sums(self.ref_model or self.model, labels, kwargs)
+            ref = self._reference_sums(self.ref_model or self.model, labels, kwargs, precompute=False)
         out = self._patched(model)(**kwargs, labels=labels, mio_head=self._loss_head(ref.float()))
         self._log_metrics(mode, out, ref, inputs)
         if return_outputs:
@@ -319,7 +321,7 @@ class MIOTrainer(DPOTrainer):
                 if bias is not None:
                     mean_logits = mean_logits + bias.float().mean()
             counts = (labels != IGNORE_INDEX).sum(-1)
-            return {"loss": out.loss, "policy_logps": out.policy_logps, "counts": counts,
+            return {"loss": out.loss, "policy_sums": out.policy_sums, "counts": counts,
                     "logit_sums": (mean_logits * (labels != IGNORE_INDEX)).sum(-1)}
         return head
 
@@ -327,10 +329,7 @@ class MIOTrainer(DPOTrainer):
         """TRL's metric names, in TRL's units (sequence sums) for every loss."""
         gather, metrics, k = self.accelerator.gather_for_metrics, self._metrics[mode], self.num_negatives
         counts = out["counts"].float()
-        sums = out["policy_logps"].detach().float()
-        if get_loss(self._op_loss).length_normalized:
-            sums = sums * counts.clamp(min=1.0)
-        sums, ref = sums.view(1 + k, -1), ref.to(sums.device).float().view(1 + k, -1)
+        sums, ref = out["policy_sums"].float().view(1 + k, -1), ref.to(counts.device).float().view(1 + k, -1)
         rewards = self.args.beta * (sums - ref)
         chosen, rejected = rewards[0], rewards[1:]
         per_prompt = {"rewards/chosen": chosen, "rewards/rejected": rejected.mean(0),
