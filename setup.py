@@ -153,6 +153,7 @@ setup(
         "triton": ["triton>=3.6"],
         "train": ["transformers>=4.46", "datasets>=3.0", "tqdm", "matplotlib", "pyyaml"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
+        "trl": ["trl>=1.16"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["mio-train=mio_kernels.train.cli:main"]},

@@ -77,7 +77,7 @@ def _refuse_double_backward() -> None:
 
 class FusedPreferenceLossFunction(torch.autograd.Function):
     """(hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)
-    -> (loss, policy_logps, metrics)."""
+    -> (loss, policy_logps, metrics, policy_sums)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg: PreferenceConfig, backend: str,
@@ -91,11 +91,12 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
         ctx.cfg, ctx.backend = cfg, backend
         out_dtype = result_dtype(hidden)
         policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
-        ctx.mark_non_differentiable(policy_logps, metrics)
-        return objective.loss.to(out_dtype), policy_logps, metrics
+        policy_sums = policy.token_sums.to(out_dtype)
+        ctx.mark_non_differentiable(policy_logps, metrics, policy_sums)
+        return objective.loss.to(out_dtype), policy_logps, metrics, policy_sums
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logps, _grad_metrics):
+    def backward(ctx, grad_loss, _grad_logps, _grad_metrics, _grad_sums):
         _refuse_double_backward()
         labels, seq_token_grad, cu_seqlens = ctx.saved_tensors[2], ctx.saved_tensors[5], ctx.saved_tensors[6]
         grad_token_logp = per_token(grad_loss * seq_token_grad, labels, cu_seqlens)
@@ -157,8 +158,8 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     convention; the op gives them the policy's reduction itself, a per-token mean for ipo and
     average_log_prob=True), or the reference model's ref_hidden [S, T, H_ref] + ref_weight
     [V, H_ref] (+ ref_bias), scored forward-only; neither with reference_free=True.
-    Returned: policy_logps in the loss's reduction (sum, or mean when length-normalised);
-    ref_logps as sums (what a caller caches and passes back).
+    Returned: policy_logps in the loss's reduction (sum, or mean when length-normalised), policy_sums
+    (always sums); ref_logps as sums (what a caller caches and passes back).
     Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
     """
@@ -195,10 +196,11 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
             ref_logps = ref_logps.to(result_dtype(hidden))
             if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-    loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
+    loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
         hidden, weight, labels, bias, cu_seqlens, None if ref_logps is None else ref_logps.detach(), cfg, backend,
         check_values)
-    return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics))
+    return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics),
+                         policy_sums)
 
 
 class FusedMIOLoss(nn.Module):

@@ -47,6 +47,7 @@ class MIOLossOutput:
     policy_logps: Tensor           # [S] detached sequence log-probs l(y)
     ref_logps: Optional[Tensor]    # [S] detached reference sequence SUMS (None when reference_free)
     metrics: Dict[str, Tensor]     # detached 0-dim tensors, TRL names (call .item() at log time)
+    policy_sums: Optional[Tensor] = None  # [S] detached sequence sums (= policy_logps unless length-normalised)
 
 
 class Objective(NamedTuple):

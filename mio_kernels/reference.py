@@ -52,4 +52,5 @@ def reference_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         policy_logps=policy.logps.detach().to(out_dtype),
         ref_logps=None if ref_logps is None else ref_logps.detach().to(out_dtype),
         metrics=metrics_dict(objective.metrics.to(out_dtype)),
+        policy_sums=policy.token_sums.detach().to(out_dtype),
     )

@@ -16,3 +16,19 @@ def test_own_training_loop_example(capsys):
     first_loss = float(lines[0].split()[3])
     assert abs(first_loss - math.log(4.0)) < 1e-3
     assert out.metrics["rewards/margins"].item() > 0
+
+
+def test_trl_example(capsys):
+    """The TRL example trains MIO with K = 3 negatives: step 0 is at 2 ln 2 (policy == reference)."""
+    import pytest
+
+    pytest.importorskip("trl")
+    path = EXAMPLE.parent / "trl_mio.py"
+    spec = importlib.util.spec_from_file_location("trl_mio", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logs = module.main(["--steps", "3", "--negatives", "3"])
+    assert len(logs) == 3
+    # mio at zero rewards: sp(0) + (K + 1) sp(0) / (K + 1) = 2 ln 2, whatever K
+    assert abs(logs[0]["loss"] - 2 * math.log(2.0)) < 1e-3
+    assert all(math.isfinite(h["loss"]) for h in logs)

@@ -276,4 +276,5 @@ def test_ref_logps_are_sums_for_every_loss(backend, options):
     assert ours.metrics["rewards/chosen"].item() == pytest.approx(0.2 * u[:p].mean().item(), rel=1e-4, abs=1e-5)
     via_states = fused_mio_loss(**inputs, backend=backend, **options)
     assert via_states.ref_logps.double() == pytest.approx(ref_sums, rel=1e-5, abs=1e-4)
+    assert ours.policy_sums.double() == pytest.approx(oracle.policy_sums, rel=1e-5, abs=1e-4)
     assert abs(via_states.loss.item() - ours.loss.item()) <= 1e-5 * floor

@@ -1,0 +1,348 @@
+"""TRL integration: `MIOTrainer` (a `trl.DPOTrainer`) and `MIOConfig` (a `trl.DPOConfig`).
+
+The loss comes from `fused_mio_loss` on the backbone's last hidden states and the LM head weight:
+the logits are never whole, the backward is the op's single pass, and `mio`/`dpo` take K >= 1
+rejected responses per prompt (a dataset whose `rejected` is a list of K responses).
+
+TRL loss names map to the op's where they are the same loss:
+    sigmoid -> dpo, nca_pair -> mio (K = 1), ipo, hinge, robust, bco_pair, sppo_hard, apo_zero,
+    and the op's own mio / dpo (any K).
+Reference log-probs are sequence sums, as in TRL (precompute_ref_log_probs, a reference model, or
+PEFT's reference-by-disabled-adapter). Logged: TRL's rewards/*, logps/*, logits/* and num_tokens;
+rewards and logps in TRL's units (sums) for every loss. For K > 1, rewards/margins is chosen minus
+the mean of the K rejected, rewards/accuracies counts chosen above every rejected.
+Refused at construction (never a silent difference): TRL's other loss types, loss mixes and
+loss_weights, ld_alpha, use_weighting (WPO), f_divergence_type other than reverse_kl,
+label_smoothing outside robust, vision data, MoE router aux losses, and models whose logits are
+scaled or soft-capped.
+
+Requires `trl>=1.16` (`pip install mio-kernels[trl]`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from datasets import Dataset
+
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import use_adapter
+from accelerate.utils import is_peft_model
+
+from mio_kernels.function import fused_mio_loss, linear_logprobs
+from mio_kernels.losses import get_loss
+
+# TRL loss name -> the op's loss_type (same formula). The op's own names are accepted as they are.
+TRL_LOSS_TYPES = {"sigmoid": "dpo", "nca_pair": "mio", "ipo": "ipo", "hinge": "hinge", "robust": "robust",
+                  "bco_pair": "bco_pair", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
+                  "mio": "mio", "dpo": "dpo"}
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MIOConfig(DPOConfig):
+    """`DPOConfig` plus the fused op's options; every DPOConfig option MIOTrainer cannot honour is refused here."""
+
+    num_negatives: int = field(default=1, metadata={"help": "K rejected responses per prompt (dataset `rejected`: "
+                                                            "a list of K responses when K > 1)."})
+    mio_backend: str = field(default="auto", metadata={"help": "fused_mio_loss backend: auto, triton, native, "
+                                                               "reference."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_trl_options(self)
+
+
+def check_trl_options(args: DPOConfig) -> str:
+    """The op's loss_type for these TRL options, or a ValueError naming the option it cannot honour."""
+    loss_types = list(args.loss_type) if not isinstance(args.loss_type, str) else [args.loss_type]
+    if len(loss_types) != 1:
+        raise ValueError(f"MIOTrainer: loss_type must be a single loss, got the mix {loss_types}")
+    if args.loss_weights is not None and list(args.loss_weights) != [1.0]:
+        raise ValueError(f"MIOTrainer: loss_weights={args.loss_weights} is not supported (one loss, weight 1)")
+    name = loss_types[0]
+    if name not in TRL_LOSS_TYPES:
+        raise ValueError(f"MIOTrainer: loss_type must be one of {sorted(TRL_LOSS_TYPES)}, got {name!r}")
+    k = getattr(args, "num_negatives", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"MIOTrainer: num_negatives must be an integer >= 1, got {k!r}")
+    if k > 1 and name == "nca_pair":
+        raise ValueError("MIOTrainer: nca_pair is mio at K = 1; use loss_type='mio' with num_negatives > 1")
+    refused = {"ld_alpha": args.ld_alpha is not None, "use_weighting": bool(args.use_weighting),
+               "rpo_alpha": getattr(args, "rpo_alpha", None) is not None,
+               "f_divergence_type": args.f_divergence_type != "reverse_kl"}
+    for option, bad in refused.items():
+        if bad:
+            raise ValueError(f"MIOTrainer: {option}={getattr(args, option)!r} is not supported by the fused loss")
+    op_loss = TRL_LOSS_TYPES[name]
+    if args.label_smoothing and not get_loss(op_loss).uses_label_smoothing:
+        raise ValueError(f"MIOTrainer: label_smoothing={args.label_smoothing} only applies to loss_type='robust', "
+                         f"not {name!r}")
+    return op_loss
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _as_list(rejected_ids) -> List[List[int]]:
+    """One example's rejected_ids: [ids] (TRL's single response) or [[ids] * K]."""
+    return [rejected_ids] if not rejected_ids or isinstance(rejected_ids[0], int) else list(rejected_ids)
+
+
+@dataclass
+class DataCollatorForKPreference(DataCollatorForPreference):
+    """TRL's preference collator for K rejected responses per prompt: rows are the P chosen, then K
+    blocks of P rejected (the op's layout; K = 1 is TRL's). ref_rejected_logps become [P, K]."""
+
+    num_negatives: int = 1
+
+    def torch_call(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        k = self.num_negatives
+        blocks = []
+        for j in range(k):
+            block = []
+            for ex in examples:
+                rejected = _as_list(ex["rejected_ids"])
+                if len(rejected) != k:
+                    raise ValueError(f"an example has {len(rejected)} rejected responses, expected num_negatives={k}")
+                block.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": ex["chosen_ids"],
+                              "rejected_ids": rejected[j]})
+            blocks.append(super().torch_call(block))
+        width = max(b["input_ids"].shape[1] for b in blocks)
+        out = {}
+        for key in ("input_ids", "attention_mask", "completion_mask"):
+            fill = self.pad_token_id if key == "input_ids" else 0
+            rows = [_pad_to(b[key], width, fill) for b in blocks]
+            p = len(examples)
+            out[key] = torch.cat([rows[0][:p]] + [r[p:] for r in rows])
+        if "ref_chosen_logps" in examples[0]:
+            out["ref_chosen_logps"] = torch.tensor([ex["ref_chosen_logps"] for ex in examples])
+            out["ref_rejected_logps"] = torch.tensor([ex["ref_rejected_logps"] for ex in examples]).reshape(-1, k)
+        return out
+
+
+def _pad_to(t: Tensor, width: int, fill: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+
+def _kth_rejected(example, k):
+    return {"rejected": example["rejected"][k]}
+
+
+def _merge_k(examples_k: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One example's K tokenizations -> a common prompt (the shortest) and K rejected_ids."""
+    prompt_len = min(len(ex["prompt_ids"]) for ex in examples_k)
+    first = examples_k[0]
+    return {"prompt_ids": first["prompt_ids"][:prompt_len],
+            "chosen_ids": first["prompt_ids"][prompt_len:] + first["chosen_ids"],
+            "rejected_ids": [ex["prompt_ids"][prompt_len:] + ex["rejected_ids"] for ex in examples_k]}
+
+
+# ------------------------------------------------------------------------------------------------ model head
+
+
+def _add_mio_head(model) -> None:
+    """`model(..., labels=labels, mio_head=fn)` runs the backbone only and returns
+    fn(hidden [S, T-1, H], weight [V, H], bias, labels [S, T-1]) (shifted); without `mio_head` the
+    forward is the previous one. Patched once, on the module under any PEFT/accelerate wrapper, so
+    calls through the wrappers keep their hooks (FSDP2's included)."""
+    if getattr(model, "_mio_head_patched", False):
+        return
+    previous = model.forward
+
+    def forward(*args, mio_head: Optional[Callable] = None, **kwargs):
+        if mio_head is None:
+            return previous(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        kwargs.pop("fused_lm_head", None)
+        kwargs["use_cache"] = False
+        hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2: a DTensor, gathered once per step as TRL does
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        if weight.dtype != hidden.dtype:  # mixed precision: the head runs in the activations' dtype
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return mio_head(hidden, weight.to(hidden.device), None if bias is None else bias.to(hidden.device),
+                            labels[:, 1:].to(hidden.device))
+
+    model.forward = forward
+    model._mio_head_patched = True
+
+
+def _check_model(model) -> None:
+    """Refuse models whose LM head is more than hidden @ weight.T (+ bias)."""
+    cfg = model.config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                 "logits_scaling"):
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"MIOTrainer: the model's {name}={value} changes the logits; the fused loss "
+                             "computes hidden @ lm_head.weight.T only")
+
+
+def _labels_and_model_kwargs(inputs: Dict[str, Tensor]):
+    """Labels (completion tokens, unshifted) and the model's own inputs of a collated batch."""
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+    kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    return labels, dict(kwargs, use_cache=False)
+
+
+def _sequence_sums(hidden, weight, bias, labels, backend: str) -> Dict[str, Tensor]:
+    token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=backend)
+    # summed in float64 like the op's own sequence reduction, so a policy equal to its reference has
+    # rewards of exactly 0 (then cast to fp32 like the op's policy_logps)
+    return {"sums": token_logps.double().sum(-1).float()}
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class MIOTrainer(DPOTrainer):
+    """`trl.DPOTrainer` whose loss is `fused_mio_loss` (see the module docstring for what maps and
+    what is refused). Same arguments as DPOTrainer; `args` a `MIOConfig` (a plain `DPOConfig` is
+    checked the same way, with num_negatives = 1)."""
+
+    def __init__(self, model, ref_model=None, args: Optional[DPOConfig] = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            raise ValueError("MIOTrainer: pass args=MIOConfig(...)")
+        self._op_loss = check_trl_options(args)
+        self.num_negatives = getattr(args, "num_negatives", 1)
+        self.mio_backend = getattr(args, "mio_backend", "auto")
+        if not isinstance(model, str):
+            _check_model(model)
+        if data_collator is None and processing_class is not None:
+            tok = getattr(processing_class, "tokenizer", processing_class)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            data_collator = DataCollatorForKPreference(pad_token_id=pad, max_length=args.max_length,
+                                                       truncation_mode=args.truncation_mode,
+                                                       pad_to_multiple_of=args.pad_to_multiple_of,
+                                                       num_negatives=self.num_negatives)
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        _check_model(self.model)
+        if self._is_vision_dataset:
+            raise ValueError("MIOTrainer: vision datasets are not supported")
+        if self.aux_loss_enabled:
+            raise ValueError("MIOTrainer: MoE router aux losses are not supported (set router_aux_loss_coef=0)")
+
+    # -------------------------------------------------------------------------------- data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's preparation; a `rejected` list of K responses is tokenized response by response."""
+        first = next(iter(dataset))
+        multi = ("rejected" in first and isinstance(first["rejected"], list) and first["rejected"]
+                 and not isinstance(first["rejected"][0], dict))
+        if "prompt_ids" in first or not multi:
+            if self.num_negatives > 1 and "prompt_ids" not in first:
+                raise ValueError(f"MIOTrainer: num_negatives={self.num_negatives} needs a dataset whose `rejected` "
+                                 "is a list of that many responses")
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if not isinstance(dataset, Dataset):
+            raise ValueError("MIOTrainer: K rejected responses per prompt need a map-style Dataset")
+        if len(first["rejected"]) != self.num_negatives:
+            raise ValueError(f"MIOTrainer: the {dataset_name} dataset has {len(first['rejected'])} rejected responses "
+                             f"per prompt, but num_negatives={self.num_negatives}")
+        unfiltered = copy.copy(args)
+        unfiltered.max_length = None  # rows are filtered once, after merging
+        per_k = [super(MIOTrainer, self)._prepare_dataset(dataset.map(_kth_rejected, fn_kwargs={"k": k}),
+                                                          processing_class, unfiltered, dataset_name)
+                 for k in range(self.num_negatives)]
+        columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+        per_k = [[dict(zip(columns, row)) for row in zip(*(ds[c] for c in columns))] for ds in per_k]
+        merged = Dataset.from_list([_merge_k(list(rows)) for rows in zip(*per_k)])
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            merged = merged.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
+        return merged
+
+    # -------------------------------------------------------------------------------- reference
+    def _patched(self, model):
+        """`model` (maybe wrapped) with the mio head on its HF causal LM."""
+        inner = self.accelerator.unwrap_model(model)
+        _add_mio_head(inner.get_base_model() if is_peft_model(inner) else inner)
+        return model
+
+    def _reference_sums(self, model, labels: Tensor, model_kwargs: Dict[str, Any], precompute: bool) -> Tensor:
+        """[S] reference log-prob sums of a batch from `model`: the reference model, or the policy
+        (with its adapter disabled under PEFT), under the accelerator's autocast when precomputing (as TRL)."""
+        adapter = contextlib.nullcontext()
+        inner = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None and is_peft_model(inner):
+            adapter = use_adapter(inner, adapter_name="ref" if "ref" in inner.peft_config else None)
+        backend = self.mio_backend
+        head = lambda h, w, b, y: _sequence_sums(h, w, b, y, backend)  # noqa: E731
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, (self.accelerator.autocast() if precompute else contextlib.nullcontext()):
+            return self._patched(model)(**model_kwargs, labels=labels, mio_head=head)["sums"].float()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """(chosen [P], rejected [P] or [P, K]) reference sums of one padded batch (precompute_ref_log_probs)."""
+        labels, kwargs = _labels_and_model_kwargs(inputs)
+        blocks = self._reference_sums(model, labels, kwargs, precompute=True).view(1 + self.num_negatives, -1)
+        rejected = blocks[1:].T
+        return blocks[0], (rejected[:, 0] if self.num_negatives == 1 else rejected)
+
+    # -------------------------------------------------------------------------------- loss
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        labels, kwargs = _labels_and_model_kwargs(inputs)
+        if self.precompute_ref_logps:
+            ref = torch.cat([inputs["ref_chosen_logps"].reshape(-1),
+                             inputs["ref_rejected_logps"].reshape(len(inputs["ref_chosen_logps"]), -1).T.reshape(-1)])
+        else:
+            ref = self._reference_sums(self.ref_model or self.model, labels, kwargs, precompute=False)
+        out = self._patched(model)(**kwargs, labels=labels, mio_head=self._loss_head(ref.float()))
+        self._log_metrics(mode, out, ref, inputs)
+        if return_outputs:
+            with torch.no_grad():
+                return out["loss"], model(**kwargs)
+        return out["loss"]
+
+    def _loss_head(self, ref: Tensor) -> Callable:
+        args = self.args
+
+        def head(hidden, weight, bias, labels):
+            out = fused_mio_loss(hidden, weight, labels, bias=bias, ref_logps=ref.to(hidden.device),
+                                 loss_type=self._op_loss, beta=args.beta, num_negatives=self.num_negatives,
+                                 label_smoothing=args.label_smoothing, ignore_index=IGNORE_INDEX,
+                                 backend=self.mio_backend)
+            with torch.no_grad():  # mean over the vocabulary of each token's logits (TRL's logits/*)
+                mean_logits = hidden.float() @ weight.float().mean(0)
+                if bias is not None:
+                    mean_logits = mean_logits + bias.float().mean()
+            counts = (labels != IGNORE_INDEX).sum(-1)
+            return {"loss": out.loss, "policy_sums": out.policy_sums, "counts": counts,
+                    "logit_sums": (mean_logits * (labels != IGNORE_INDEX)).sum(-1)}
+        return head
+
+    def _log_metrics(self, mode: str, out: Dict[str, Tensor], ref: Tensor, inputs: Dict[str, Tensor]) -> None:
+        """TRL's metric names, in TRL's units (sequence sums) for every loss."""
+        gather, metrics, k = self.accelerator.gather_for_metrics, self._metrics[mode], self.num_negatives
+        counts = out["counts"].float()
+        sums, ref = out["policy_sums"].float().view(1 + k, -1), ref.to(counts.device).float().view(1 + k, -1)
+        rewards = self.args.beta * (sums - ref)
+        chosen, rejected = rewards[0], rewards[1:]
+        per_prompt = {"rewards/chosen": chosen, "rewards/rejected": rejected.mean(0),
+                      "rewards/accuracies": (chosen > rejected.max(0).values).float(),
+                      "rewards/margins": chosen - rejected.mean(0),
+                      "logps/chosen": sums[0], "logps/rejected": sums[1:].mean(0)}
+        for name, value in per_prompt.items():
+            metrics[name].append(gather(value).mean().item())
+        logit_sums, counts = out["logit_sums"].view(1 + k, -1), counts.view(1 + k, -1)
+        for name, rows in (("logits/chosen", slice(0, 1)), ("logits/rejected", slice(1, None))):
+            total = gather(logit_sums[rows].sum()).sum().item()
+            tokens = gather(counts[rows].sum()).sum().item()
+            metrics[name].append(total / tokens if tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
