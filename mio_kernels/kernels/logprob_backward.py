@@ -70,7 +70,8 @@ def logprob_backward_kernel(
         dz = g[:, None] * (onehot - probs)
         if ENTROPY:
             mu = tl.load(MU + offs_n, mask=mask_n, other=0.0)
-            dz -= ge[:, None] * probs * ((logits - row_max[:, None]) - mu[:, None])
+            centered = tl.where(mask_n[:, None], logits - row_max[:, None], 0.0)  # rows past N: probs = 0
+            dz -= ge[:, None] * probs * (centered - mu[:, None])
         if TRANSFORM != 0:
             dz = dz * slope
         dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)

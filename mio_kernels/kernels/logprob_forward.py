@@ -59,7 +59,7 @@ def logprob_forward_kernel(
         if ENTROPY:  # moment relative to the new max: exp(m - m') (moment + (m - m') sum) + tile's
             delta = tl.where(row_sumexp > 0, row_max - new_max, 0.0)
             moment = tl.exp(delta) * (moment + delta * row_sumexp) + \
-                tl.sum(tl.where(mask_v[None, :], exps * shifted, 0.0), axis=1)
+                tl.sum(exps * tl.where(mask_v[None, :], shifted, 0.0), axis=1)  # masked columns: exps = 0
         row_sumexp = row_sumexp * tl.exp(row_max - new_max) + tl.sum(exps, axis=1)
         row_max = new_max
         is_target = offs_v[None, :] == labels[:, None]
