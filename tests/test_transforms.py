@@ -162,3 +162,62 @@ def test_bad_transform_is_a_clear_error(arg, value):
         fused_mio_loss(**inputs, **{arg: value})
     with pytest.raises(ValueError, match=arg):
         FusedMIOLoss(**{arg: value})
+
+
+# ------------------------------------------------------------------ trainer: the head's transform from the config
+
+def _tiny_lm(kind):
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(**common, final_logit_softcapping=3.0, attn_logit_softcapping=50.0,
+                                           query_pre_attn_scalar=8, sliding_window=16)
+        config._attn_implementation = "eager"
+        return transformers.Gemma2ForCausalLM(config)
+    config = transformers.GraniteConfig(**{k: v for k, v in common.items() if k != "head_dim"},
+                                        logits_scaling=0.125, embedding_multiplier=2.0, residual_multiplier=0.5)
+    return transformers.GraniteForCausalLM(config)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite"])
+def test_trainer_scores_transformed_heads_like_the_model(kind):
+    """The trainer's sequence log-probs equal log_softmax of the model's own forward().logits."""
+    import dataclasses
+
+    from mio_kernels.objective import PreferenceConfig
+    from mio_kernels.train.model import HeadTasks, PreferenceModel, check_supported, head_transform
+
+    lm = _tiny_lm(kind).eval()
+    with torch.no_grad():  # large logits, so that the softcap (or the scaling) matters
+        lm.get_output_embeddings().weight.mul_(20.0)
+    check_supported(lm)
+    options = head_transform(lm)
+    assert options == (dict(logit_scale=1.0, final_logit_softcapping=3.0) if kind == "gemma2"
+                       else dict(logit_scale=8.0, final_logit_softcapping=None))
+    tasks = HeadTasks(dataclasses.replace(PreferenceConfig(), **options), backend=BACKENDS[-1])
+    ids = torch.randint(0, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    labels = torch.cat([ids[:, 1:], torch.full((3, 1), IGNORE)], dim=1)
+    labels[:, :3] = IGNORE  # prompt
+    with torch.no_grad():
+        ours = PreferenceModel(lm)(ids, mask, task=tasks.sequence_logps, labels=labels)["policy_logps"]
+        logits = lm(input_ids=ids, attention_mask=mask).logits.double()
+    token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    theirs = torch.where(labels != IGNORE, token, 0.0).sum(-1)
+    assert logits.abs().max() > 2.0
+    assert torch.allclose(ours.double(), theirs, rtol=1e-5, atol=1e-4), (ours, theirs)
+
+
+def test_trainer_refuses_what_the_op_cannot_express():
+    from mio_kernels.train.model import check_supported
+
+    lm = _tiny_lm("granite")
+    lm.config.output_multiplier_scale = 0.5
+    with pytest.raises(ValueError, match="output_multiplier_scale"):
+        check_supported(lm)
+    lm = _tiny_lm("gemma2")
+    lm.config.final_logit_softcapping = -1.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_supported(lm)
