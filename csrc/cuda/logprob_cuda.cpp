@@ -46,6 +46,11 @@ const void* bias_ptr(const OptTensor& bias) {
   return bias && bias->defined() ? bias->data_ptr() : nullptr;
 }
 
+// Address of row r0 of a per-token tensor ([N] or [N, cols]); nullptr for an undefined one.
+const void* rows_ptr(const at::Tensor& t, int64_t r0) {
+  return t.defined() ? t.narrow(0, r0, 1).data_ptr() : nullptr;
+}
+
 // dW_acc += dZ^T @ Hc. 16-bit dZ (slab defined) goes through fp32 slabs of dW rows: ATen's
 // addmm cannot accumulate an fp32 output from 16-bit operands.
 void accumulate_weight_grad(at::Tensor& dW_acc, at::Tensor& slab, const at::Tensor& dZ, const at::Tensor& Hc) {
@@ -125,7 +130,6 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
   const at::Tensor stats = stats_in.to(acc).contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
   const at::Tensor grad_entropy = grad_entropy_in ? grad_entropy_in->to(acc).contiguous() : at::Tensor();
-
   if (need_dh) dH = at::empty_like(hidden);  // every row is written, zero-gradient rows with 0
   at::Tensor dW_acc, db_acc, slab;
   if (need_dw) {
@@ -137,7 +141,6 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
   at::Tensor buf = at::empty({ws.chunk_rows, V}, hidden.options().dtype(acc));
   ws.logits_bytes = buf.numel() * elem;
   ws.workspace_bytes += ws.logits_bytes;
-
   for (int64_t r0 = 0; r0 < N; r0 += ws.chunk_rows) {
     const int64_t n = std::min(ws.chunk_rows, N - r0);
     const at::Tensor Hc = hidden.narrow(0, r0, n);
@@ -145,9 +148,8 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
     chunk_logits(Z, Hc, weight);
     C10_CUDA_CHECK(mio_cuda::backward_epilogue(
         Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight), ignore_index,
-        tf.scale, tf.cap, stats.narrow(0, r0, n).data_ptr(), static_cast<int>(stats.size(1)),
-        grad.narrow(0, r0, n).data_ptr(),
-        grad_entropy.defined() ? grad_entropy.narrow(0, r0, n).data_ptr() : nullptr, stream));
+        tf.scale, tf.cap, rows_ptr(stats, r0), static_cast<int>(stats.size(1)), rows_ptr(grad, r0),
+        rows_ptr(grad_entropy, r0), stream));
     // dZ [n, V] in the parameter dtype; a 16-bit row sits in the first half of its fp32 row.
     const at::Tensor dZ = narrow_dz ? Z.view(weight.scalar_type()).narrow(1, 0, V) : Z;
     if (need_dh) {
