@@ -6,6 +6,8 @@
 
 #include "logprob.h"
 
+#include <cmath>
+
 namespace {
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
@@ -40,47 +42,62 @@ void check_labels_cpu(const at::Tensor& labels, int64_t vocab, int64_t ignore_in
                 " at token ", i, " is outside [0, ", vocab, ") and is not ignore_index ", ignore_index);
 }
 
+mio::Transform transform_of(double scale, double cap) {
+  TORCH_CHECK(std::isfinite(scale) && scale != 0.0, "logit transform scale must be finite and nonzero, got ", scale);
+  TORCH_CHECK(std::isfinite(cap) && cap >= 0.0, "logit transform cap must be finite and >= 0 (0: none), got ", cap);
+  return mio::Transform{scale, cap};
+}
+
 std::vector<at::Tensor> logprob_forward(const at::Tensor& hidden, const at::Tensor& weight,
                                         const at::Tensor& labels, const mio::OptTensor& bias,
-                                        int64_t ignore_index, int64_t budget_bytes) {
+                                        int64_t ignore_index, double scale, double cap, bool with_entropy,
+                                        int64_t budget_bytes) {
   check_inputs(hidden, weight, labels, bias);
+  const mio::Transform tf = transform_of(scale, cap);
   if (hidden.is_cuda()) {
 #ifdef MIO_WITH_CUDA
-    return mio::forward_cuda(hidden, weight, labels, bias, ignore_index, budget_bytes);
+    return mio::forward_cuda(hidden, weight, labels, bias, ignore_index, tf, with_entropy, budget_bytes);
 #else
     TORCH_CHECK(false, "mio_kernels._C was built without its CUDA sources");
 #endif
   }
   TORCH_CHECK(hidden.is_cpu(), "native backend runs on cpu and cuda, got ", hidden.device());
   check_labels_cpu(labels, weight.size(0), ignore_index);
-  return mio::forward_cpu(hidden, weight, labels, bias, ignore_index, budget_bytes);
+  return mio::forward_cpu(hidden, weight, labels, bias, ignore_index, tf, with_entropy, budget_bytes);
 }
 
 std::vector<at::Tensor> logprob_backward(const at::Tensor& hidden, const at::Tensor& weight,
                                          const at::Tensor& labels, const mio::OptTensor& bias,
                                          const at::Tensor& stats, const at::Tensor& grad_logp,
-                                         int64_t ignore_index, bool need_dh, bool need_dw,
-                                         int64_t budget_bytes) {
+                                         const mio::OptTensor& grad_entropy, int64_t ignore_index, double scale,
+                                         double cap, bool need_dh, bool need_dw, int64_t budget_bytes) {
   check_inputs(hidden, weight, labels, bias);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == hidden.size(0) && stats.size(1) == 2,
-              "softmax stats must be the [N, 2] tensor that logprob_forward returned");
+  const mio::Transform tf = transform_of(scale, cap);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == hidden.size(0) && (stats.size(1) == 2 || stats.size(1) == 3),
+              "softmax stats must be the [N, 2] (or [N, 3], with the entropy) tensor that logprob_forward returned");
   TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == hidden.size(0), "grad_logp must be [N]");
+  if (grad_entropy) {
+    TORCH_CHECK(stats.size(1) == 3, "grad_entropy needs the [N, 3] softmax stats of a forward with_entropy");
+    TORCH_CHECK(grad_entropy->dim() == 1 && grad_entropy->size(0) == hidden.size(0) &&
+                    grad_entropy->device() == hidden.device() && at::isFloatingType(grad_entropy->scalar_type()),
+                "grad_entropy must be a floating [N] tensor on hidden's device");
+  }
   TORCH_CHECK(stats.device() == hidden.device() && grad_logp.device() == hidden.device(),
               "softmax stats and grad_logp must be on hidden's device");
   TORCH_CHECK(at::isFloatingType(stats.scalar_type()) && at::isFloatingType(grad_logp.scalar_type()),
               "softmax stats and grad_logp must be floating point");
   if (hidden.is_cuda()) {
 #ifdef MIO_WITH_CUDA
-    return mio::backward_cuda(hidden, weight, labels, bias, stats, grad_logp, ignore_index, need_dh,
-                              need_dw, budget_bytes);
+    return mio::backward_cuda(hidden, weight, labels, bias, stats, grad_logp, grad_entropy, ignore_index, tf,
+                              need_dh, need_dw, budget_bytes);
 #else
     TORCH_CHECK(false, "mio_kernels._C was built without its CUDA sources");
 #endif
   }
   TORCH_CHECK(hidden.is_cpu(), "native backend runs on cpu and cuda, got ", hidden.device());
   check_labels_cpu(labels, weight.size(0), ignore_index);
-  return mio::backward_cpu(hidden, weight, labels, bias, stats, grad_logp, ignore_index, need_dh,
-                           need_dw, budget_bytes);
+  return mio::backward_cpu(hidden, weight, labels, bias, stats, grad_logp, grad_entropy, ignore_index, tf,
+                           need_dh, need_dw, budget_bytes);
 }
 
 pybind11::dict last_workspace() {
@@ -98,13 +115,13 @@ pybind11::dict last_workspace() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mio-kernels native backend: chunked LM-head log-probs (CPU, and CUDA when built with it)";
-  m.def("logprob_forward", &logprob_forward, "-> [logp [N], softmax stats [N, 2]]", py::arg("hidden"),
-        py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"),
-        py::arg("budget_bytes"));
+  m.def("logprob_forward", &logprob_forward, "-> [logp [N], softmax stats [N, 2 or 3 with the entropy]]",
+        py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"),
+        py::arg("scale"), py::arg("cap"), py::arg("with_entropy"), py::arg("budget_bytes"));
   m.def("logprob_backward", &logprob_backward, "-> [dH | None, dW | None, db | None]",
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("softmax_stats"),
-        py::arg("grad_logp"), py::arg("ignore_index"), py::arg("need_hidden_grad"),
-        py::arg("need_weight_grad"), py::arg("budget_bytes"));
+        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("ignore_index"), py::arg("scale"), py::arg("cap"),
+        py::arg("need_hidden_grad"), py::arg("need_weight_grad"), py::arg("budget_bytes"));
   m.def("last_workspace", &last_workspace, "what the last call allocated (bytes, chunk rows)");
 #ifdef MIO_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -127,6 +127,89 @@ MIO_ISA_CLONES void row_scale_f32(float* z, int64_t V, float c) {
   for (int64_t j = 0; j < V; ++j) z[j] *= c;
 }
 
+inline float exp_any(float x) { return exp_f32(x); }
+inline double exp_any(double x) { return std::exp(x); }
+
+// With e = exp(-2|y|): tanh(y) = sign(y) (1 - e) / (1 + e) and 1 - tanh(y)^2 = 4e / (1 + e)^2, the
+// latter accurate where tanh saturates (1 - t * t from a rounded t is not).
+template <typename T>
+inline T tanh_from(T y, T e) { return std::copysign((T(1) - e) / (T(1) + e), y); }
+
+// {sum_j exp(z_j - m), sum_j exp(z_j - m) * (z_j - m)} with z_j = zf(j), one sweep: float lanes
+// over blocks of kBlock (like row_sumexp_f32), each block folded into doubles.
+template <typename T, typename ZF>
+inline std::pair<double, double> sums_impl(int64_t V, T m, ZF zf) {
+  double s = 0.0, w = 0.0;
+  int64_t b = 0;
+  for (; b + kBlock <= V; b += kBlock) {
+    T ls[kLanes] = {}, lw[kLanes] = {};
+    for (int64_t j = b; j < b + kBlock; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
+        const T d = zf(j + k) - m, e = exp_any(d);
+        ls[k] += e;
+        lw[k] += e * d;
+      }
+    for (int k = 0; k < kLanes; ++k) {
+      s += ls[k];
+      w += lw[k];
+    }
+  }
+  for (; b < V; ++b) {
+    const T d = zf(b) - m, e = exp_any(d);
+    s += e;
+    w += static_cast<double>(e) * d;
+  }
+  return {s, w};
+}
+
+// Softcapped row held as u = scale * x: z_j = cap * tanh(u_j) on the fly.
+template <typename T>
+inline std::pair<double, double> softcap_sums_impl(const T* u, int64_t V, T m, T cap) {
+  return sums_impl<T>(V, m, [=](int64_t j) { return cap * tanh_from(u[j], exp_any(T(-2) * std::fabs(u[j]))); });
+}
+
+// u_j <- dZ_j * dz/dx_j, dZ_j = -p_j * (g + ge * ((z_j - m) - mu)), p_j = exp(z_j - m) * inv_s; the
+// label's onehot term is the caller's. u = scale * x when cap > 0 (z = cap * tanh(u)), else u = z.
+template <typename T>
+inline void grad_impl(T* u, int64_t V, T m, T inv_s, T g, T ge, T mu, T scale, T cap) {
+  if (cap > T(0)) {
+    for (int64_t j = 0; j < V; ++j) {
+      const T e = exp_any(T(-2) * std::fabs(u[j])), d = cap * tanh_from(u[j], e) - m;
+      const T p = exp_any(d) * inv_s;
+      u[j] = -p * (g + ge * (d - mu)) * (T(4) * scale * cap * e / ((T(1) + e) * (T(1) + e)));
+    }
+  } else {
+    for (int64_t j = 0; j < V; ++j) {
+      const T d = u[j] - m, p = exp_any(d) * inv_s;
+      u[j] = -p * (g + ge * (d - mu)) * scale;
+    }
+  }
+}
+
+// z <- cap * tanh(scale * z) (cap > 0) or scale * z, in place.
+template <typename T>
+inline void transform_impl(T* z, int64_t V, T scale, T cap) {
+  if (cap > T(0)) {
+    for (int64_t j = 0; j < V; ++j) z[j] = cap * tanh_from(scale * z[j], exp_any(T(-2) * std::fabs(scale * z[j])));
+  } else {
+    for (int64_t j = 0; j < V; ++j) z[j] *= scale;
+  }
+}
+
+MIO_ISA_CLONES void row_transform_f32(float* z, int64_t V, float scale, float cap) {
+  transform_impl<float>(z, V, scale, cap);
+}
+MIO_ISA_CLONES std::pair<double, double> row_sumexp_moment_f32(const float* z, int64_t V, float m) {
+  return sums_impl<float>(V, m, [=](int64_t j) { return z[j]; });
+}
+MIO_ISA_CLONES std::pair<double, double> row_softcap_sums_f32(const float* u, int64_t V, float m, float cap) {
+  return softcap_sums_impl<float>(u, V, m, cap);
+}
+MIO_ISA_CLONES void row_grad_general_f32(float* u, int64_t V, float m, float inv_s, float g, float ge, float mu,
+                                         float scale, float cap) {
+  grad_impl<float>(u, V, m, inv_s, g, ge, mu, scale, cap);
+}
+
 // fp64 (used by tests to compare in float64): plain libm, speed is not the point.
 double row_max(const double* z, int64_t V) {
   double m = -std::numeric_limits<double>::infinity();
@@ -146,29 +229,70 @@ double row_exp_inplace(double* z, int64_t V, double m) {
 void row_scale(double* z, int64_t V, double c) {
   for (int64_t j = 0; j < V; ++j) z[j] *= c;
 }
+void row_transform(double* z, int64_t V, double scale, double cap) { transform_impl<double>(z, V, scale, cap); }
+std::pair<double, double> row_sumexp_moment(const double* z, int64_t V, double m) {
+  return sums_impl<double>(V, m, [=](int64_t j) { return z[j]; });
+}
+std::pair<double, double> row_softcap_sums(const double* u, int64_t V, double m, double cap) {
+  return softcap_sums_impl<double>(u, V, m, cap);
+}
+void row_grad_general(double* u, int64_t V, double m, double inv_s, double g, double ge, double mu, double scale,
+                      double cap) {
+  grad_impl<double>(u, V, m, inv_s, g, ge, mu, scale, cap);
+}
 float row_max(const float* z, int64_t V) { return row_max_f32(z, V); }
 double row_sumexp(const float* z, int64_t V, float m) { return row_sumexp_f32(z, V, m); }
 double row_exp_inplace(float* z, int64_t V, float m) { return row_exp_inplace_f32(z, V, m); }
 void row_scale(float* z, int64_t V, float c) { row_scale_f32(z, V, c); }
+void row_transform(float* z, int64_t V, double scale, double cap) {
+  row_transform_f32(z, V, static_cast<float>(scale), static_cast<float>(cap));
+}
+std::pair<double, double> row_sumexp_moment(const float* z, int64_t V, float m) {
+  return row_sumexp_moment_f32(z, V, m);
+}
+std::pair<double, double> row_softcap_sums(const float* u, int64_t V, float m, double cap) {
+  return row_softcap_sums_f32(u, V, m, static_cast<float>(cap));
+}
+void row_grad_general(float* u, int64_t V, float m, float inv_s, float g, float ge, float mu, double scale,
+                      double cap) {
+  row_grad_general_f32(u, V, m, inv_s, g, ge, mu, static_cast<float>(scale), static_cast<float>(cap));
+}
+
+// dz/dx of the transform at the label, from u = scale * x (cap > 0) or z (else).
+template <typename acc_t>
+acc_t transform_slope(acc_t u, const Transform& tf) {
+  if (tf.cap <= 0) return static_cast<acc_t>(tf.scale);
+  const double e = std::exp(-2.0 * std::fabs(static_cast<double>(u)));
+  return static_cast<acc_t>(4.0 * tf.scale * tf.cap * e / ((1.0 + e) * (1.0 + e)));
+}
 
 // Rows per parallel task: small rows are batched so that a thread gets >= 32k logits (no
 // fork/join for a chunk smaller than that).
 constexpr int64_t kLogitsPerTask = int64_t{1} << 15;
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, kLogitsPerTask / std::max<int64_t>(1, V)); }
 
-// Per row r = rows[i] of the chunk: logp[r] and stats[r] = (max, log sum exp(z - max)).
+// Per row r = rows[i] of the chunk: the transform applied in place, logp[r] and stats[r] =
+// (max, log sum exp(z - max)[, entropy]); `cols` = 3 with the entropy, else 2.
 template <typename acc_t>
-void forward_epilogue(const acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
-                      const int64_t* labels, acc_t* logp, acc_t* stats) {
+void forward_epilogue(acc_t* Z, int64_t n, int64_t V, const int64_t* rows, const int64_t* labels,
+                      const Transform& tf, int64_t cols, acc_t* logp, acc_t* stats) {
   at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
-      const acc_t* z = Z + i * V;
+      acc_t* z = Z + i * V;
+      if (!tf.identity()) row_transform(z, V, tf.scale, tf.cap);
       const acc_t m = row_max(z, V);
       // An all -inf row has no finite max; its lse is -inf like torch's.
-      const acc_t log_s = std::isinf(m) && m < 0 ? acc_t(0) : static_cast<acc_t>(std::log(row_sumexp(z, V, m)));
-      stats[2 * r] = m;
-      stats[2 * r + 1] = log_s;
+      const bool empty = std::isinf(m) && m < 0;
+      if (cols == 3) {
+        const std::pair<double, double> sw = empty ? std::make_pair(1.0, 0.0) : row_sumexp_moment(z, V, m);
+        stats[3 * r + 1] = static_cast<acc_t>(std::log(sw.first));
+        stats[3 * r + 2] = static_cast<acc_t>(std::log(sw.first) - sw.second / sw.first);  // lse - E_p[z]
+      } else {
+        stats[2 * r + 1] = empty ? acc_t(0) : static_cast<acc_t>(std::log(row_sumexp(z, V, m)));
+      }
+      const acc_t log_s = stats[cols * r + 1];
+      stats[cols * r] = m;
       // (z - m) - log_s keeps the digits that m + log_s would lose for large logits
       logp[r] = (z[labels[r]] - m) - log_s;
     }
@@ -190,6 +314,33 @@ void backward_epilogue(acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
       const double s = row_exp_inplace(z, V, m);
       row_scale(z, V, static_cast<acc_t>(-static_cast<double>(grad[r]) / s));
       z[labels[r]] += grad[r];
+    }
+  });
+}
+
+// backward_epilogue with a transform and/or an entropy gradient `ge` (nullptr: none):
+// dX = dz/dx * (g * (onehot - p) - ge * p * (z - E_p[z])), z the transformed logits. A softcapped
+// row is held as u = scale * x, z = cap * tanh(u) recomputed per sweep, so that dz/dx comes from
+// u (exact where tanh saturates); its max is cap * tanh(max u) (tanh increases).
+template <typename acc_t>
+void backward_epilogue_general(acc_t* Z, int64_t n, int64_t V, const int64_t* rows, const int64_t* labels,
+                               const acc_t* grad, const acc_t* ge, const Transform& tf) {
+  const bool softcap = tf.cap > 0;
+  at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rows[i];
+      acc_t* z = Z + i * V;
+      if (tf.scale != 1.0) row_scale(z, V, static_cast<acc_t>(tf.scale));
+      acc_t m = row_max(z, V);
+      if (softcap) m = static_cast<acc_t>(tf.cap * std::tanh(static_cast<double>(m)));
+      const acc_t g_h = ge == nullptr ? acc_t(0) : ge[r];
+      const std::pair<double, double> sw = softcap ? row_softcap_sums(z, V, m, tf.cap)
+                                           : g_h != acc_t(0) ? row_sumexp_moment(z, V, m)
+                                                             : std::make_pair(row_sumexp(z, V, m), 0.0);
+      const acc_t u_label = z[labels[r]];
+      row_grad_general(z, V, m, static_cast<acc_t>(1.0 / sw.first), grad[r], g_h,
+                       static_cast<acc_t>(sw.second / sw.first), tf.scale, tf.cap);
+      z[labels[r]] += grad[r] * transform_slope(u_label, tf);
     }
   });
 }
@@ -268,7 +419,7 @@ void write_hidden_grad(at::Tensor& dH, const at::Tensor& Z, const at::Tensor& Wa
 
 template <typename acc_t>
 void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-                  const OptTensor& bias, int64_t ignore_index, int64_t budget_bytes,
+                  const OptTensor& bias, int64_t ignore_index, const Transform& tf, int64_t budget_bytes,
                   at::Tensor& logp, at::Tensor& stats_out) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = logp.scalar_type();
@@ -300,7 +451,7 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::
     chunk_tmp = std::max(chunk_tmp, tmp);
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, Wa, ba);
-    forward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab,
+    forward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab, tf, stats_out.size(1),
                             logp.data_ptr<acc_t>(), stats_out.data_ptr<acc_t>());
     ++info.num_chunks;
   }
@@ -310,14 +461,17 @@ void forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::
 
 template <typename acc_t>
 void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-                   const OptTensor& bias, const at::Tensor& grad_in, int64_t ignore_index,
-                   int64_t budget_bytes, at::Tensor& dH, at::Tensor& dW_acc, at::Tensor& db_acc) {
+                   const OptTensor& bias, const at::Tensor& grad_in, const OptTensor& grad_entropy,
+                   int64_t ignore_index, const Transform& tf, int64_t budget_bytes, at::Tensor& dH,
+                   at::Tensor& dW_acc, at::Tensor& db_acc) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   WorkspaceStats info;
   int64_t ws = 0;
   const at::Tensor grad = converted(grad_in, acc, &ws).contiguous();
   const acc_t* g = grad.data_ptr<acc_t>();
+  const at::Tensor grad_h = grad_entropy ? converted(*grad_entropy, acc, &ws).contiguous() : at::Tensor();
+  const acc_t* ge = grad_h.defined() ? grad_h.data_ptr<acc_t>() : nullptr;
   const int64_t* lab = labels.data_ptr<int64_t>();
 
   // Only rows with a nonzero gradient are recomputed (ignored tokens, frozen sequences and
@@ -325,7 +479,7 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at:
   std::vector<int64_t> active;
   active.reserve(N);
   for (int64_t i = 0; i < N; ++i)
-    if (lab[i] != ignore_index && g[i] != acc_t(0)) active.push_back(i);
+    if (lab[i] != ignore_index && (g[i] != acc_t(0) || (ge != nullptr && ge[i] != acc_t(0)))) active.push_back(i);
   const RowChunks chunks(std::move(active));
   info.rows_skipped = N - chunks.count();
   if (chunks.count() == 0) {
@@ -347,7 +501,10 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at:
     const at::Tensor Hc = chunks.hidden_rows(hidden, k0, n, acc, &tmp);
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, Wa, ba);
-    backward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab, g);
+    if (tf.identity() && ge == nullptr)
+      backward_epilogue<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab, g);
+    else
+      backward_epilogue_general<acc_t>(Z.data_ptr<acc_t>(), n, V, chunks.rows(k0), lab, g, ge, tf);
 
     if (dH.defined()) write_hidden_grad(dH, Z, Wa, chunks, k0, n, &tmp);
     if (dW_acc.defined()) dW_acc.addmm_(Z.t(), Hc);
@@ -367,23 +524,25 @@ void backward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at:
 
 std::vector<at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                     const at::Tensor& labels, const OptTensor& bias,
-                                    int64_t ignore_index, int64_t budget_bytes) {
+                                    int64_t ignore_index, const Transform& tf, bool with_entropy,
+                                    int64_t budget_bytes) {
   const at::ScalarType acc = acc_type_of(hidden);
   const int64_t N = hidden.size(0);
   at::Tensor logp = at::zeros({N}, hidden.options().dtype(acc));  // 0 at ignored tokens
-  at::Tensor stats = at::zeros({N, 2}, hidden.options().dtype(acc));
+  at::Tensor stats = at::zeros({N, with_entropy ? 3 : 2}, hidden.options().dtype(acc));
   if (acc == at::kDouble)
-    forward_impl<double>(hidden, weight, labels, bias, ignore_index, budget_bytes, logp, stats);
+    forward_impl<double>(hidden, weight, labels, bias, ignore_index, tf, budget_bytes, logp, stats);
   else
-    forward_impl<float>(hidden, weight, labels, bias, ignore_index, budget_bytes, logp, stats);
+    forward_impl<float>(hidden, weight, labels, bias, ignore_index, tf, budget_bytes, logp, stats);
   return {logp, stats};
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& labels, const OptTensor& bias,
                                      const at::Tensor& /*stats: recomputed from the logits*/,
-                                     const at::Tensor& grad_logp, int64_t ignore_index, bool need_dh,
-                                     bool need_dw, int64_t budget_bytes) {
+                                     const at::Tensor& grad_logp, const OptTensor& grad_entropy,
+                                     int64_t ignore_index, const Transform& tf, bool need_dh, bool need_dw,
+                                     int64_t budget_bytes) {
   const at::ScalarType acc = acc_type_of(hidden);
   const bool has_bias = bias && bias->defined();
   at::Tensor dH, dW, db, dW_acc, db_acc;
@@ -398,11 +557,11 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor&
     return {dH, dW, db};
   }
   if (acc == at::kDouble)
-    backward_impl<double>(hidden, weight, labels, bias, grad_logp, ignore_index, budget_bytes, dH,
-                          dW_acc, db_acc);
+    backward_impl<double>(hidden, weight, labels, bias, grad_logp, grad_entropy, ignore_index, tf,
+                          budget_bytes, dH, dW_acc, db_acc);
   else
-    backward_impl<float>(hidden, weight, labels, bias, grad_logp, ignore_index, budget_bytes, dH,
-                         dW_acc, db_acc);
+    backward_impl<float>(hidden, weight, labels, bias, grad_logp, grad_entropy, ignore_index, tf,
+                         budget_bytes, dH, dW_acc, db_acc);
   if (need_dw) {
     const bool cast = weight.scalar_type() != acc;
     if (cast) last_stats().workspace_bytes += dW_acc.numel() * dW_acc.element_size();

@@ -51,31 +51,35 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("mio_kernels::native_logprob_forward", mutates_args=())
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: Optional[torch.Tensor], ignore_index: int, budget_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    logp, stats = _require().logprob_forward(hidden, weight, labels, bias, ignore_index, budget_bytes)
+                bias: Optional[torch.Tensor], ignore_index: int, scale: float, cap: float, with_entropy: bool,
+                budget_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    logp, stats = _require().logprob_forward(hidden, weight, labels, bias, ignore_index, scale, cap, with_entropy,
+                                             budget_bytes)
     return logp, stats
 
 
 @_forward_op.register_fake
-def _(hidden, weight, labels, bias, ignore_index, budget_bytes):
+def _(hidden, weight, labels, bias, ignore_index, scale, cap, with_entropy, budget_bytes):
     acc = _acc_dtype(hidden.dtype)
-    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty((hidden.shape[0], 2), dtype=acc)
+    cols = 3 if with_entropy else 2
+    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty((hidden.shape[0], cols), dtype=acc)
 
 
 # Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor.
 @torch.library.custom_op("mio_kernels::native_logprob_backward", mutates_args=())
 def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 bias: Optional[torch.Tensor], softmax_stats: torch.Tensor, grad_logp: torch.Tensor, ignore_index: int,
+                 bias: Optional[torch.Tensor], softmax_stats: torch.Tensor, grad_logp: torch.Tensor,
+                 grad_entropy: Optional[torch.Tensor], ignore_index: int, scale: float, cap: float,
                  need_hidden_grad: bool, need_weight_grad: bool,
                  budget_bytes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _require().logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
-                                        need_hidden_grad, need_weight_grad, budget_bytes)
+    grads = _require().logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, grad_entropy,
+                                        ignore_index, scale, cap, need_hidden_grad, need_weight_grad, budget_bytes)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index, need_hidden_grad, need_weight_grad,
-      budget_bytes):
+def _(hidden, weight, labels, bias, softmax_stats, grad_logp, grad_entropy, ignore_index, scale, cap,
+      need_hidden_grad, need_weight_grad, budget_bytes):
     empty = hidden.new_empty(0)
     d_hidden = torch.empty_like(hidden) if need_hidden_grad else empty
     d_weight = torch.empty_like(weight) if need_weight_grad else empty
@@ -84,20 +88,25 @@ def _(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index, need
 
 
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    bias: Optional[torch.Tensor], ignore_index: int, budget_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    bias: Optional[torch.Tensor], ignore_index: int, budget_bytes: int, scale: float = 1.0,
+                    cap: float = 0.0, with_entropy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None -> (logp [N], softmax_stats [N, 2])
-    in fp32 (fp64 for fp64 inputs); logp is 0 at ignore_index; softmax_stats[:, 0] is each row's
-    max m and [:, 1] is log sum exp(z - m), so lse = m + log-sum."""
+    in fp32 (fp64 for fp64 inputs) of the logits z = cap * tanh(scale * x) (cap > 0) or scale * x;
+    logp is 0 at ignore_index; softmax_stats[:, 0] is each row's max m and [:, 1] is log sum
+    exp(z - m), so lse = m + log-sum; with_entropy adds [:, 2], the row's entropy."""
     _require()
-    return _forward_op(hidden, weight, labels, bias, int(ignore_index), int(budget_bytes))
+    return _forward_op(hidden, weight, labels, bias, int(ignore_index), float(scale), float(cap), bool(with_entropy),
+                       int(budget_bytes))
 
 
 def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index: int,
-                     need_hidden_grad: bool, need_weight_grad: bool, budget_bytes: int):
-    """Gradients of sum_t grad_logp[t] * logp[t]: (d_hidden | None, d_weight | None, d_bias | None)
-    in the parameters' dtypes."""
+                     need_hidden_grad: bool, need_weight_grad: bool, budget_bytes: int, scale: float = 1.0,
+                     cap: float = 0.0, grad_entropy: Optional[torch.Tensor] = None):
+    """Gradients of sum_t grad_logp[t] * logp[t] (+ grad_entropy[t] * entropy[t]): (d_hidden | None,
+    d_weight | None, d_bias | None) in the parameters' dtypes."""
     _require()
-    d_hidden, d_weight, d_bias = _backward_op(hidden, weight, labels, bias, softmax_stats, grad_logp, int(ignore_index),
+    d_hidden, d_weight, d_bias = _backward_op(hidden, weight, labels, bias, softmax_stats, grad_logp, grad_entropy,
+                                              int(ignore_index), float(scale), float(cap),
                                               bool(need_hidden_grad), bool(need_weight_grad), int(budget_bytes))
     return (d_hidden if need_hidden_grad else None,
             d_weight if need_weight_grad else None,

@@ -19,8 +19,9 @@ from mio_kernels.losses import DEFAULT_LOSS
 from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
 from mio_kernels.sequence import per_token, reduce_sequences, result_dtype
+from mio_kernels.transform import LogitTransform
 from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
-                                    check_packing, check_reference)
+                                    check_packing, check_reference, check_transform)
 
 
 def _flat(hidden: Tensor, labels: Tensor):
@@ -31,21 +32,28 @@ def _contiguous(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None else bias.contiguous()
 
 
-def _kernel_token_logprobs(backend: str, hidden, weight, labels, bias, ignore_index):
-    """Forward kernel only: per-token log-probs shaped like labels, and softmax_stats [N, 2]."""
+def _kernel_token_logprobs(backend: str, hidden, weight, labels, bias, ignore_index, transform: LogitTransform,
+                           with_entropy: bool = False):
+    """Forward kernel only: per-token log-probs shaped like labels, and softmax_stats [N, 2] ([N, 3] with
+    the entropy as its last column)."""
     h, y = _flat(hidden, labels)
-    logp, softmax_stats = get_backend(backend).forward(h, weight.contiguous(), y, _contiguous(bias), ignore_index)
+    logp, softmax_stats = get_backend(backend).forward(h, weight.contiguous(), y, _contiguous(bias), ignore_index,
+                                                       transform, with_entropy)
     return logp.view(labels.shape), softmax_stats
 
 
-def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: int):
+def _kernel_backward(backend: str, ctx, grad_token_logp: Tensor, ignore_index: int, transform: LogitTransform,
+                     grad_entropy: Optional[Tensor] = None):
     """-> (d_hidden, d_weight, d_bias) for inputs saved as (hidden, weight, labels, bias, softmax_stats, ...)."""
     hidden, weight, labels, bias, softmax_stats = ctx.saved_tensors[:5]
     h, y = _flat(hidden, labels)
     needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.reshape(-1).to(softmax_stats.dtype)
     d_hidden, d_weight, d_bias = get_backend(backend).backward(
         h, weight.contiguous(), y, _contiguous(bias), softmax_stats,
-        grad_token_logp.reshape(-1).to(softmax_stats.dtype), ignore_index, needs_hidden, needs_weight or needs_bias)
+        grad_token_logp.reshape(-1).to(softmax_stats.dtype), ignore_index, needs_hidden, needs_weight or needs_bias,
+        transform, grad_entropy)
     if d_hidden is not None:
         d_hidden = d_hidden.view(hidden.shape)
     return d_hidden, (d_weight if needs_weight else None), (d_bias if needs_bias else None)
@@ -82,7 +90,8 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg: PreferenceConfig, backend: str,
                 check_values: bool):
-        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, cfg.ignore_index)
+        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, cfg.ignore_index,
+                                                            cfg.transform)
         policy = reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized, cu_seqlens)
         if check_values:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
@@ -101,51 +110,103 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
         labels, seq_token_grad, cu_seqlens = ctx.saved_tensors[2], ctx.saved_tensors[5], ctx.saved_tensors[6]
         grad_token_logp = per_token(grad_loss * seq_token_grad, labels, cu_seqlens)
         with _outside_autocast(labels.device):
-            d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index)
+            d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logp, ctx.cfg.ignore_index,
+                                                          ctx.cfg.transform)
         return d_hidden, d_weight, None, d_bias, None, None, None, None, None
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """(hidden, weight, labels, bias, ignore_index, backend) -> per-token log-probs, any upstream grad."""
+    """(hidden, weight, labels, bias, ignore_index, backend, transform, with_entropy) -> per-token log-probs
+    (and entropies), any upstream grad."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index: int, backend: str):
-        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, ignore_index)
+    def forward(ctx, hidden, weight, labels, bias, ignore_index: int, backend: str, transform: LogitTransform,
+                with_entropy: bool):
+        token_logps, softmax_stats = _kernel_token_logprobs(backend, hidden, weight, labels, bias, ignore_index,
+                                                            transform, with_entropy)
         ctx.save_for_backward(hidden, weight, labels, bias, softmax_stats)
-        ctx.ignore_index, ctx.backend = ignore_index, backend
-        return token_logps
+        ctx.ignore_index, ctx.backend, ctx.transform = ignore_index, backend, transform
+        ctx.set_materialize_grads(False)  # an output without upstream gradient costs nothing in backward
+        if not with_entropy:
+            return token_logps
+        entropy = torch.where(labels != ignore_index, softmax_stats[:, 2].view(labels.shape), 0.0)
+        return token_logps, entropy
 
     @staticmethod
-    def backward(ctx, grad_token_logps):
+    def backward(ctx, grad_token_logps, grad_entropy=None):
         _refuse_double_backward()
+        if grad_token_logps is None and grad_entropy is None:
+            return (None,) * 8
+        if grad_token_logps is None:
+            grad_token_logps = torch.zeros_like(grad_entropy)
         with _outside_autocast(grad_token_logps.device):
-            d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index)
-        return d_hidden, d_weight, None, d_bias, None, None
+            d_hidden, d_weight, d_bias = _kernel_backward(ctx.backend, ctx, grad_token_logps, ctx.ignore_index,
+                                                          ctx.transform, grad_entropy)
+        return d_hidden, d_weight, None, d_bias, None, None, None, None
 
 
 @_op_entry
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
-                    ignore_index: int = -100, backend: str = "auto") -> Tensor:
-    """Per-token log-probs of `labels` under logits hidden @ weight.T (+ bias), never held whole.
+                    ignore_index: int = -100, backend: str = "auto", *, temperature: float = 1.0,
+                    logit_scale: float = 1.0, final_logit_softcapping: Optional[float] = None,
+                    return_entropy: bool = False):
+    """Per-token log-probs of `labels` under the logits z (below), never held whole.
 
+    z = c * tanh(s * x / c) / T with x = hidden @ weight.T (+ bias), c = final_logit_softcapping,
+    s = logit_scale, T = temperature (without c: z = s * x / T).
     hidden [..., H] (fp32/bf16/fp16), weight [V, H], labels [...] int -> fp32 [...] (0 where ignored),
-    differentiable w.r.t. hidden, weight and bias for any upstream gradient.
+    differentiable w.r.t. hidden, weight and bias for any upstream gradient. With return_entropy:
+    (log-probs, entropy), the entropy of softmax(z) per token, fp32 [...] (0 where ignored), also
+    differentiable; both come from one pass over the logits.
     """
+    check_transform(temperature, logit_scale, final_logit_softcapping)
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    transform = LogitTransform.of(temperature, logit_scale, final_logit_softcapping)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
-        return reference_token_logprobs(hidden, weight, labels.long(), bias, ignore_index)
-    return LinearLogprobsFunction.apply(hidden, weight, labels.long(), bias, ignore_index, backend)
+        return reference_token_logprobs(hidden, weight, labels.long(), bias, ignore_index, transform, return_entropy)
+    return LinearLogprobsFunction.apply(hidden, weight, labels.long(), bias, ignore_index, backend, transform,
+                                        bool(return_entropy))
+
+
+def _check_preference_inputs(cfg, hidden, weight, labels, bias, cu_seqlens, ref_logps, ref_hidden, ref_weight,
+                             ref_bias, check_values: bool) -> None:
+    check_config(cfg)
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=cfg.ignore_index, check_label_values=check_values)
+    num_sequences = check_packing(hidden, cu_seqlens, check_values)
+    check_batch_layout(num_sequences, cfg)
+    check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight, num_sequences)
+    if check_values and ref_logps is not None:
+        check_finite_result(ref_logps, ref_logps=ref_logps)
+    if ref_hidden is not None:
+        check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=cfg.ignore_index,
+                            hidden_name="ref_hidden", weight_name="ref_weight", bias_name="ref_bias",
+                            check_label_values=False)
+
+
+@torch.no_grad()
+def _kernel_reference_sums(backend, ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, cfg,
+                           check_values: bool) -> Tensor:
+    """The reference model's sequence log-prob sums [S]: the forward kernel only, no autograd."""
+    ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(), labels,
+                                           None if ref_bias is None else ref_bias.detach(), cfg.ignore_index,
+                                           cfg.transform)
+    sums = reduce_sequences(ref_tokens, labels, cfg.ignore_index, cfg.length_normalized, cu_seqlens).token_sums
+    if check_values:
+        check_finite_result(sums, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    return sums
 
 
 @_op_entry
 def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                   cu_seqlens: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
-                   ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                   cu_seqlens: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                   ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                   ref_bias: Optional[Tensor] = None,
                    loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
                    label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
-                   sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                   check_values: bool = True) -> MIOLossOutput:
+                   sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
+                   logit_scale: float = 1.0, final_logit_softcapping: Optional[float] = None,
+                   backend: str = "auto", check_values: bool = True) -> MIOLossOutput:
     """Preference loss straight from LM-head inputs, without materialising the logits.
 
     hidden [S, T, H] policy final hidden states (fp32/bf16/fp16), weight [V, H], labels [S, T] int
@@ -160,23 +221,19 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     [V, H_ref] (+ ref_bias), scored forward-only; neither with reference_free=True.
     Returned: policy_logps in the loss's reduction (sum, or mean when length-normalised), policy_sums
     (always sums); ref_logps as sums (what a caller caches and passes back).
+    Scored logits: z = c * tanh(s * x / c) / T with x = hidden @ weight.T (+ bias), c =
+    final_logit_softcapping, s = logit_scale, T = temperature (without c: z = s * x / T); the same
+    transform scores the reference model's states.
     Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
     """
     cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-                           reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index)
-    check_config(cfg)
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_label_values=check_values)
-    num_sequences = check_packing(hidden, cu_seqlens, check_values)
-    check_batch_layout(num_sequences, cfg)
-    check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight, num_sequences)
-    if check_values and ref_logps is not None:
-        check_finite_result(ref_logps, ref_logps=ref_logps)
-    if ref_hidden is not None:
-        check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
-                            hidden_name="ref_hidden", weight_name="ref_weight", bias_name="ref_bias",
-                            check_label_values=False)
+                           reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index,
+                           temperature=temperature, logit_scale=logit_scale,
+                           final_logit_softcapping=final_logit_softcapping)
+    _check_preference_inputs(cfg, hidden, weight, labels, bias, cu_seqlens, ref_logps, ref_hidden, ref_weight,
+                             ref_bias, check_values)
     backend = resolve_backend(backend, hidden.device)
     labels = labels.long()
 
@@ -189,13 +246,8 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
         return out
 
     if ref_hidden is not None:
-        with torch.no_grad():  # the reference model runs the forward kernel only
-            ref_tokens, _ = _kernel_token_logprobs(backend, ref_hidden.detach(), ref_weight.detach(), labels,
-                                                   None if ref_bias is None else ref_bias.detach(), ignore_index)
-            ref_logps = reduce_sequences(ref_tokens, labels, ignore_index, cfg.length_normalized, cu_seqlens).token_sums
-            ref_logps = ref_logps.to(result_dtype(hidden))
-            if check_values:
-                check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+        ref_logps = _kernel_reference_sums(backend, ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, cfg,
+                                           check_values).to(result_dtype(hidden))
     loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
         hidden, weight, labels, bias, cu_seqlens, None if ref_logps is None else ref_logps.detach(), cfg, backend,
         check_values)
@@ -208,13 +260,16 @@ class FusedMIOLoss(nn.Module):
 
     def __init__(self, loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
                  label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
-                 sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
+                 sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
+                 logit_scale: float = 1.0, final_logit_softcapping: Optional[float] = None, backend: str = "auto",
                  check_values: bool = True):
         super().__init__()
         self.options = dict(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                             label_smoothing=label_smoothing, average_log_prob=average_log_prob,
                             reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index,
-                            backend=backend, check_values=check_values)
+                            temperature=temperature, logit_scale=logit_scale,
+                            final_logit_softcapping=final_logit_softcapping, backend=backend,
+                            check_values=check_values)
         check_config(PreferenceConfig(**{k: v for k, v in self.options.items()
                                          if k not in ("backend", "check_values")}))
 

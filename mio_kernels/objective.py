@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mio_kernels.losses import DEFAULT_LOSS, get_loss
 from mio_kernels.sequence import SequenceLogps
+from mio_kernels.transform import LogitTransform
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class PreferenceConfig:
     reference_free: bool = False
     sft_weight: float = 0.0
     ignore_index: int = -100
+    temperature: float = 1.0            # the scored logits (mio_kernels.transform):
+    logit_scale: float = 1.0            #   z = c * tanh(s * x / c) / T, or s * x / T without c
+    final_logit_softcapping: Optional[float] = None
+
+    @property
+    def transform(self) -> LogitTransform:
+        return LogitTransform.of(self.temperature, self.logit_scale, self.final_logit_softcapping)
 
     @property
     def length_normalized(self) -> bool:

@@ -14,23 +14,31 @@ from torch import Tensor
 
 from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.sequence import reduce_sequences, result_dtype
+from mio_kernels.transform import IDENTITY, LogitTransform, transform_logits
 
 
 def reference_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
-                             ignore_index: int = -100) -> Tensor:
-    """hidden [..., H], weight [V, H], labels [...] -> per-token log-probs [...] (fp32, or fp64 for fp64 inputs)."""
+                             ignore_index: int = -100, transform: LogitTransform = IDENTITY,
+                             return_entropy: bool = False):
+    """hidden [..., H], weight [V, H], labels [...] -> per-token log-probs [...] (fp32, or fp64 for fp64
+    inputs) of the transformed logits; with return_entropy also the per-token entropy [...] (0 where
+    ignored)."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(compute) @ weight.to(compute).T
     if bias is not None:
         logits = logits + bias.to(compute)
-    log_probs = torch.log_softmax(logits, dim=-1)
+    log_probs = torch.log_softmax(transform_logits(logits, transform), dim=-1)
     scored = labels != ignore_index
     token_logps = log_probs.gather(-1, torch.where(scored, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(scored, token_logps, 0.0)
+    token_logps = torch.where(scored, token_logps, 0.0)
+    if not return_entropy:
+        return token_logps
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return token_logps, torch.where(scored, entropy, 0.0)
 
 
 def reference_sequence_logps(hidden, weight, labels, bias, cfg: PreferenceConfig, cu_seqlens=None):
-    token_logps = reference_token_logprobs(hidden, weight, labels, bias, cfg.ignore_index)
+    token_logps = reference_token_logprobs(hidden, weight, labels, bias, cfg.ignore_index, cfg.transform)
     return reduce_sequences(token_logps, labels, cfg.ignore_index, cfg.length_normalized, cu_seqlens)
 
 

@@ -67,8 +67,25 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
                              f"found {value}")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_transform(temperature=1.0, logit_scale=1.0, final_logit_softcapping=None) -> None:
+    """The logit-transform options (mio_kernels.transform)."""
+    if not (_is_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (_is_number(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite nonzero number, got {logit_scale!r}")
+    if final_logit_softcapping is not None and not (_is_number(final_logit_softcapping)
+                                                    and final_logit_softcapping > 0):
+        raise ValueError(f"final_logit_softcapping must be None or a finite number > 0, "
+                         f"got {final_logit_softcapping!r}")
+
+
 def check_config(cfg: PreferenceConfig) -> None:
     spec = get_loss(cfg.loss_type)  # raises on an unknown loss_type
+    check_transform(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
     if not isinstance(cfg.num_negatives, int) or isinstance(cfg.num_negatives, bool) or cfg.num_negatives < 1:
         raise ValueError(f"num_negatives must be an integer >= 1, got {cfg.num_negatives!r}")
     if not (isinstance(cfg.beta, (int, float)) and math.isfinite(cfg.beta) and cfg.beta > 0):

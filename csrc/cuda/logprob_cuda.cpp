@@ -46,6 +46,11 @@ const void* bias_ptr(const OptTensor& bias) {
   return bias && bias->defined() ? bias->data_ptr() : nullptr;
 }
 
+// Address of row r0 of a per-token tensor ([N] or [N, cols]); nullptr for an undefined one.
+const void* rows_ptr(const at::Tensor& t, int64_t r0) {
+  return t.defined() ? t.narrow(0, r0, 1).data_ptr() : nullptr;
+}
+
 // dW_acc += dZ^T @ Hc. 16-bit dZ (slab defined) goes through fp32 slabs of dW rows: ATen's
 // addmm cannot accumulate an fp32 output from 16-bit operands.
 void accumulate_weight_grad(at::Tensor& dW_acc, at::Tensor& slab, const at::Tensor& dZ, const at::Tensor& Hc) {
@@ -78,14 +83,15 @@ at::Tensor weight_grad_slab(const at::Tensor& weight, bool has_bias, int64_t bud
 
 std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& labels, const OptTensor& bias,
-                                     int64_t ignore_index, int64_t budget_bytes) {
+                                     int64_t ignore_index, const Transform& tf, bool with_entropy,
+                                     int64_t budget_bytes) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t elem = static_cast<int64_t>(c10::elementSize(acc));
   at::Tensor logp = at::empty({N}, hidden.options().dtype(acc));
-  at::Tensor stats = at::empty({N, 2}, hidden.options().dtype(acc));
+  at::Tensor stats = at::empty({N, with_entropy ? 3 : 2}, hidden.options().dtype(acc));
   WorkspaceStats ws;
   ws.chunk_rows = chunk_rows_for(budget_bytes, V, elem, N);
   at::Tensor buf = at::empty({ws.chunk_rows, V}, hidden.options().dtype(acc));
@@ -95,8 +101,8 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor&
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, hidden.narrow(0, r0, n), weight);
     C10_CUDA_CHECK(mio_cuda::forward_epilogue(
-        Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight),
-        ignore_index, logp.narrow(0, r0, n).data_ptr(), stats.narrow(0, r0, n).data_ptr(), stream));
+        Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight), ignore_index,
+        tf.scale, tf.cap, with_entropy, logp.narrow(0, r0, n).data_ptr(), stats.narrow(0, r0, n).data_ptr(), stream));
     ++ws.num_chunks;
   }
   last_stats() = ws;
@@ -106,8 +112,8 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor&
 std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                       const at::Tensor& labels, const OptTensor& bias,
                                       const at::Tensor& stats_in, const at::Tensor& grad_in,
-                                      int64_t ignore_index, bool need_dh, bool need_dw,
-                                      int64_t budget_bytes) {
+                                      const OptTensor& grad_entropy_in, int64_t ignore_index,
+                                      const Transform& tf, bool need_dh, bool need_dw, int64_t budget_bytes) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = hidden.size(0), V = weight.size(0);
@@ -123,7 +129,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
   }
   const at::Tensor stats = stats_in.to(acc).contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
-
+  const at::Tensor grad_entropy = grad_entropy_in ? grad_entropy_in->to(acc).contiguous() : at::Tensor();
   if (need_dh) dH = at::empty_like(hidden);  // every row is written, zero-gradient rows with 0
   at::Tensor dW_acc, db_acc, slab;
   if (need_dw) {
@@ -135,15 +141,15 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& hidden, const at::Tensor
   at::Tensor buf = at::empty({ws.chunk_rows, V}, hidden.options().dtype(acc));
   ws.logits_bytes = buf.numel() * elem;
   ws.workspace_bytes += ws.logits_bytes;
-
   for (int64_t r0 = 0; r0 < N; r0 += ws.chunk_rows) {
     const int64_t n = std::min(ws.chunk_rows, N - r0);
     const at::Tensor Hc = hidden.narrow(0, r0, n);
     at::Tensor Z = buf.narrow(0, 0, n);
     chunk_logits(Z, Hc, weight);
     C10_CUDA_CHECK(mio_cuda::backward_epilogue(
-        Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight),
-        ignore_index, stats.narrow(0, r0, n).data_ptr(), grad.narrow(0, r0, n).data_ptr(), stream));
+        Z.data_ptr(), n, V, labels.data_ptr<int64_t>() + r0, bias_ptr(bias), dtype_of(weight), ignore_index,
+        tf.scale, tf.cap, rows_ptr(stats, r0), static_cast<int>(stats.size(1)), rows_ptr(grad, r0),
+        rows_ptr(grad_entropy, r0), stream));
     // dZ [n, V] in the parameter dtype; a 16-bit row sits in the first half of its fp32 row.
     const at::Tensor dZ = narrow_dz ? Z.view(weight.scalar_type()).narrow(1, 0, V) : Z;
     if (need_dh) {

@@ -33,62 +33,95 @@ __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
 
-// Merge two (max, sum of exp(z - max)) pairs; -inf maxima carry no mass.
+// Merge two (max m, sum exp(z - m), moment sum exp(z - m) (z - m)) triples; -inf maxima carry
+// no mass. The moment (for the entropy) is moved to the new max as exp(m - nm) (w + (m - nm) s).
 template <typename A>
-__device__ __forceinline__ void merge(A& m, A& s, A om, A os) {
+__device__ __forceinline__ void merge(A& m, A& s, A& w, A om, A os, A ow) {
   const A nm = om > m ? om : m;
   if (nm == neg_inf<A>()) return;  // both empty
-  s = (m == neg_inf<A>() ? A(0) : s * exp_acc(m - nm)) + (om == neg_inf<A>() ? A(0) : os * exp_acc(om - nm));
+  const A a = m == neg_inf<A>() ? A(0) : exp_acc(m - nm), b = om == neg_inf<A>() ? A(0) : exp_acc(om - nm);
+  w = (a == A(0) ? A(0) : a * (w + (m - nm) * s)) + (b == A(0) ? A(0) : b * (ow + (om - nm) * os));
+  s = a * s + b * os;
   m = nm;
 }
 
-// Block-wide (max, sumexp) reduction; every thread returns the row's totals.
 template <typename A>
-__device__ void block_max_sum(A& m, A& s) {
+__device__ __forceinline__ void warp_merge(A& m, A& s, A& w) {
+  for (int off = 16; off > 0; off >>= 1)
+    merge(m, s, w, __shfl_xor_sync(kFullMask, m, off), __shfl_xor_sync(kFullMask, s, off),
+          __shfl_xor_sync(kFullMask, w, off));
+}
+
+// Block-wide (max, sumexp, moment) reduction; every thread returns the row's totals.
+template <typename A>
+__device__ void block_max_sum(A& m, A& s, A& w) {
   __shared__ A sm[32];
   __shared__ A ss[32];
-  for (int off = 16; off > 0; off >>= 1) merge(m, s, __shfl_xor_sync(kFullMask, m, off), __shfl_xor_sync(kFullMask, s, off));
+  __shared__ A sw[32];
+  warp_merge(m, s, w);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
-  if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+  if (lane == 0) { sm[warp] = m; ss[warp] = s; sw[warp] = w; }
   __syncthreads();
   if (warp == 0) {
     m = lane < n_warps ? sm[lane] : neg_inf<A>();
     s = lane < n_warps ? ss[lane] : A(0);
-    for (int off = 16; off > 0; off >>= 1) merge(m, s, __shfl_xor_sync(kFullMask, m, off), __shfl_xor_sync(kFullMask, s, off));
-    if (lane == 0) { sm[0] = m; ss[0] = s; }
+    w = lane < n_warps ? sw[lane] : A(0);
+    warp_merge(m, s, w);
+    if (lane == 0) { sm[0] = m; ss[0] = s; sw[0] = w; }
   }
   __syncthreads();
   m = sm[0];
   s = ss[0];
+  w = sw[0];
 }
 
-template <typename A, typename TB>
+// The logit transform (uniform branch): z = cap * tanh(scale * x) when cap > 0, else scale * x.
+// With e = exp(-2|u|), u = scale * x: tanh(u) = sign(u) (1 - e) / (1 + e) and dz/dx =
+// scale * cap * 4e / (1 + e)^2, exact where tanh saturates. Returns z, writes dz/dx to *slope.
+template <typename A>
+__device__ __forceinline__ A transform(A x, A scale, A cap, A* slope) {
+  if (cap > A(0)) {
+    const A u = scale * x, e = exp_acc(A(-2) * fabs(u));
+    *slope = A(4) * scale * cap * e / ((A(1) + e) * (A(1) + e));
+    return cap * copysign((A(1) - e) / (A(1) + e), u);
+  }
+  *slope = scale;
+  return scale * x;
+}
+
+template <typename A, typename TB, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const A* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ labels,
-               const TB* __restrict__ bias, int64_t ignore_index, A* __restrict__ logp,
+               const TB* __restrict__ bias, int64_t ignore_index, A scale, A cap, A* __restrict__ logp,
                A* __restrict__ stats) {
+  constexpr int kCols = kEntropy ? 3 : 2;
   const int64_t row = blockIdx.x;
   const A* z = logits + row * vocab;
-  // Online max / sum-exp: one read of the row.
-  A m = neg_inf<A>(), s = A(0);
+  A slope;
+  // Online max / sum-exp (/ moment): one read of the row.
+  A m = neg_inf<A>(), s = A(0), w = A(0);
   bool has_nan = false;
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    const A v = z[j] + (bias != nullptr ? static_cast<A>(to_acc(bias[j])) : A(0));
+    const A v = transform(z[j] + (bias != nullptr ? static_cast<A>(to_acc(bias[j])) : A(0)), scale, cap, &slope);
     has_nan |= v != v;
     if (v > m) {
+      if constexpr (kEntropy) w = m == neg_inf<A>() ? A(0) : exp_acc(m - v) * (w + (m - v) * s);
       s = (m == neg_inf<A>() ? A(0) : s * exp_acc(m - v)) + A(1);
       m = v;
     } else if (m != neg_inf<A>()) {
-      s += exp_acc(v - m);
+      const A e = exp_acc(v - m);
+      s += e;
+      if constexpr (kEntropy) w += e * (v - m);
     }
   }
   has_nan = __syncthreads_or(has_nan);
-  block_max_sum(m, s);
+  block_max_sum(m, s, w);
   if (threadIdx.x == 0) {
     const A log_s = m == neg_inf<A>() ? A(0) : log_acc(s);
-    stats[2 * row] = has_nan ? static_cast<A>(NAN) : m;  // NaN logits give NaN, as in torch
-    stats[2 * row + 1] = log_s;
     const int64_t y = labels[row];
+    stats[kCols * row] = has_nan ? static_cast<A>(NAN) : m;  // NaN logits give NaN, as in torch
+    stats[kCols * row + 1] = log_s;
+    if constexpr (kEntropy) stats[kCols * row + 2] = y == ignore_index ? A(0) : log_s - w / s;
     A out;
     if (y == ignore_index) {
       out = A(0);
@@ -98,34 +131,41 @@ forward_kernel(const A* __restrict__ logits, int64_t vocab, const int64_t* __res
       out = static_cast<A>(NAN);  // callers validate labels; poison rather than read out of bounds
     } else {
       // (z - m) - log_s keeps the digits that m + log_s would lose for large logits
-      out = (z[y] + (bias != nullptr ? static_cast<A>(to_acc(bias[y])) : A(0)) - m) - log_s;
+      out = (transform(z[y] + (bias != nullptr ? static_cast<A>(to_acc(bias[y])) : A(0)), scale, cap, &slope) - m) - log_s;
     }
     logp[row] = out;
   }
 }
 
-// dZ of row `row` over its own logits row. When TO is narrower than A the writes of one
-// sweep land on elements read in the same sweep (the first one only), hence the barrier
-// between reading and writing; later sweeps read past everything written so far.
+// dX of row `row` over its own logits row: dz/dx * (g (onehot - p) - ge p ((z - m) - mu)), mu =
+// E_p[z - m] = log-sum - entropy (stats' third column; ge == nullptr: no entropy term). When TO
+// is narrower than A the writes of one sweep land on elements read in the same sweep (the first
+// one only), hence the barrier between reading and writing; later sweeps read past everything
+// written so far.
 template <typename A, typename TB, typename TO>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(A* logits, int64_t vocab, const int64_t* __restrict__ labels,
-                const TB* __restrict__ bias, int64_t ignore_index,
-                const A* __restrict__ stats, const A* __restrict__ grad) {
+                const TB* __restrict__ bias, int64_t ignore_index, A scale, A cap,
+                const A* __restrict__ stats, int stats_cols, const A* __restrict__ grad,
+                const A* __restrict__ grad_entropy) {
   const int64_t row = blockIdx.x;
   const A* z = logits + row * vocab;
   TO* dz = reinterpret_cast<TO*>(logits + row * vocab);
   const int64_t y = labels[row];
-  const A g = grad[row];
-  const bool active = y != ignore_index && y >= 0 && y < vocab && g != A(0);
-  const A m = stats[2 * row], log_s = stats[2 * row + 1];
+  const A g = grad[row], ge = grad_entropy != nullptr ? grad_entropy[row] : A(0);
+  const bool active = y != ignore_index && y >= 0 && y < vocab && (g != A(0) || ge != A(0));
+  const A m = stats[stats_cols * row], log_s = stats[stats_cols * row + 1];
+  const A mu = ge != A(0) ? log_s - stats[stats_cols * row + 2] : A(0);
   for (int64_t base = 0; base < vocab; base += blockDim.x) {
     const int64_t j = base + threadIdx.x;
     A v = A(0);
     if (active && j < vocab) {
-      const A x = z[j] + (bias != nullptr ? static_cast<A>(to_acc(bias[j])) : A(0));
-      v = -g * exp_acc((x - m) - log_s);
+      A slope;
+      const A x = transform(z[j] + (bias != nullptr ? static_cast<A>(to_acc(bias[j])) : A(0)), scale, cap, &slope);
+      const A p = exp_acc((x - m) - log_s);
+      v = -p * (g + ge * ((x - m) - mu));
       if (j == y) v += g;
+      v *= slope;
     }
     if constexpr (sizeof(TO) < sizeof(A)) __syncthreads();
     if (j < vocab) store(dz + j, v);
@@ -134,49 +174,59 @@ backward_kernel(A* logits, int64_t vocab, const int64_t* __restrict__ labels,
 
 template <typename A, typename TB>
 cudaError_t launch_forward(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
-                           const void* bias, int64_t ignore_index, void* logp, void* stats,
-                           cudaStream_t stream) {
+                           const void* bias, int64_t ignore_index, double scale, double cap, bool with_entropy,
+                           void* logp, void* stats, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  forward_kernel<A, TB><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+  auto kernel = with_entropy ? forward_kernel<A, TB, true> : forward_kernel<A, TB, false>;
+  kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
       static_cast<const A*>(logits), vocab, labels, static_cast<const TB*>(bias), ignore_index,
-      static_cast<A*>(logp), static_cast<A*>(stats));
+      static_cast<A>(scale), static_cast<A>(cap), static_cast<A*>(logp), static_cast<A*>(stats));
   return cudaGetLastError();
 }
 
 template <typename A, typename T>
 cudaError_t launch_backward(void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
-                            const void* bias, int64_t ignore_index, const void* stats,
-                            const void* grad, cudaStream_t stream) {
+                            const void* bias, int64_t ignore_index, double scale, double cap, const void* stats,
+                            int stats_cols, const void* grad, const void* grad_entropy, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   backward_kernel<A, T, T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      static_cast<A*>(logits), vocab, labels, static_cast<const T*>(bias), ignore_index,
-      static_cast<const A*>(stats), static_cast<const A*>(grad));
+      static_cast<A*>(logits), vocab, labels, static_cast<const T*>(bias), ignore_index, static_cast<A>(scale),
+      static_cast<A>(cap), static_cast<const A*>(stats), stats_cols, static_cast<const A*>(grad),
+      static_cast<const A*>(grad_entropy));
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t forward_epilogue(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
-                             const void* bias, DType param, int64_t ignore_index, void* logp,
-                             void* stats, cudaStream_t stream) {
+                             const void* bias, DType param, int64_t ignore_index, double scale, double cap,
+                             bool with_entropy, void* logp, void* stats, cudaStream_t stream) {
+#define MIO_FORWARD(A, TB) \
+  launch_forward<A, TB>(logits, rows, vocab, labels, bias, ignore_index, scale, cap, with_entropy, logp, stats, stream)
   switch (param) {
-    case DType::kFloat32: return launch_forward<float, float>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
-    case DType::kFloat16: return launch_forward<float, __half>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
-    case DType::kBFloat16: return launch_forward<float, __nv_bfloat16>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
-    case DType::kFloat64: return launch_forward<double, double>(logits, rows, vocab, labels, bias, ignore_index, logp, stats, stream);
+    case DType::kFloat32: return MIO_FORWARD(float, float);
+    case DType::kFloat16: return MIO_FORWARD(float, __half);
+    case DType::kBFloat16: return MIO_FORWARD(float, __nv_bfloat16);
+    case DType::kFloat64: return MIO_FORWARD(double, double);
   }
+#undef MIO_FORWARD
   return cudaErrorInvalidValue;
 }
 
 cudaError_t backward_epilogue(void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
-                              const void* bias, DType param, int64_t ignore_index,
-                              const void* stats, const void* grad, cudaStream_t stream) {
+                              const void* bias, DType param, int64_t ignore_index, double scale, double cap,
+                              const void* stats, int stats_cols, const void* grad, const void* grad_entropy,
+                              cudaStream_t stream) {
+#define MIO_BACKWARD(A, T)                                                                              \
+  launch_backward<A, T>(logits, rows, vocab, labels, bias, ignore_index, scale, cap, stats, stats_cols, grad, \
+                        grad_entropy, stream)
   switch (param) {
-    case DType::kFloat32: return launch_backward<float, float>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
-    case DType::kFloat16: return launch_backward<float, __half>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
-    case DType::kBFloat16: return launch_backward<float, __nv_bfloat16>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
-    case DType::kFloat64: return launch_backward<double, double>(logits, rows, vocab, labels, bias, ignore_index, stats, grad, stream);
+    case DType::kFloat32: return MIO_BACKWARD(float, float);
+    case DType::kFloat16: return MIO_BACKWARD(float, __half);
+    case DType::kBFloat16: return MIO_BACKWARD(float, __nv_bfloat16);
+    case DType::kFloat64: return MIO_BACKWARD(double, double);
   }
+#undef MIO_BACKWARD
   return cudaErrorInvalidValue;
 }
 

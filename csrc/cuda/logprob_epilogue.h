@@ -20,17 +20,24 @@ inline int64_t dz_row_stride(int64_t vocab, DType param) {
   return (param == DType::kFloat16 || param == DType::kBFloat16) ? 2 * vocab : vocab;
 }
 
-// One block per row of logits [rows, vocab]: z = logits + bias, stats = (max, log-sum),
+// The logit transform: z = cap * tanh(scale * (logits + bias)) when cap > 0, else
+// scale * (logits + bias).
+
+// One block per row of logits [rows, vocab]: z = transform, stats = (max, log-sum[, entropy:
+// with_entropy, 0 at ignore_index]) ([rows, 3] with the entropy, else [rows, 2]),
 // logp = (z[label] - max) - log-sum (0 at ignore_index, NaN for a label outside [0, vocab)).
 cudaError_t forward_epilogue(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
-                             const void* bias, DType param, int64_t ignore_index, void* logp,
-                             void* stats, cudaStream_t stream);
+                             const void* bias, DType param, int64_t ignore_index, double scale, double cap,
+                             bool with_entropy, void* logp, void* stats, cudaStream_t stream);
 
-// One block per row: dZ = grad * (onehot(label) - exp((z - max) - log-sum)) from forward's
-// stats (one read of the row), written in the parameter dtype over the logits buffer (row
-// stride dz_row_stride); rows with a zero grad or an ignored label get dZ = 0.
+// One block per row: dX = dz/dx * (grad * (onehot(label) - p) - grad_entropy * p * (z - E_p[z])),
+// p = exp((z - max) - log-sum), from forward's stats ([rows, stats_cols]; the entropy column is
+// read only with grad_entropy, which may be nullptr), one read of the row, written in the
+// parameter dtype over the logits buffer (row stride dz_row_stride); rows with zero grads or an
+// ignored label get dX = 0.
 cudaError_t backward_epilogue(void* logits, int64_t rows, int64_t vocab, const int64_t* labels,
-                              const void* bias, DType param, int64_t ignore_index,
-                              const void* stats, const void* grad, cudaStream_t stream);
+                              const void* bias, DType param, int64_t ignore_index, double scale, double cap,
+                              const void* stats, int stats_cols, const void* grad, const void* grad_entropy,
+                              cudaStream_t stream);
 
 }  // namespace mio_cuda

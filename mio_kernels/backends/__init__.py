@@ -2,19 +2,21 @@
 
 A kernel backend computes, for flattened tokens (N = S*T),
 
-    forward(hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None, ignore_index)
+    forward(hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None, ignore_index,
+            transform=IDENTITY, with_entropy=False)
         -> logp [N] fp32 (fp64 for fp64 inputs where a backend accepts them; 0 where labels ==
            ignore_index), softmax_stats [N, 2] in logp's dtype: each row's max m and
-           log sum exp(z - m)
+           log sum exp(z - m); with_entropy a third column, the row's entropy (0 where ignored)
 
     backward(hidden, weight, labels, bias, softmax_stats, grad_logp [N] (softmax_stats' dtype), ignore_index,
-             needs_hidden_grad, needs_weight_grad)
+             needs_hidden_grad, needs_weight_grad, transform=IDENTITY, grad_entropy=None)
         -> d_hidden [N, H] (hidden's dtype) | None, d_weight [V, H] (weight's dtype) | None,
            d_bias [V] (bias's dtype) | None
 
-with the gradient of sum_t grad_logp[t] * logp[t]:
-    dZ = grad_logp[:, None] * (onehot(labels) - softmax(Z)),  Z = hidden @ weight.T + bias,
-    d_hidden = dZ @ weight,  d_weight = dZ.T @ hidden,  d_bias = dZ.sum(0),
+with the gradient of sum_t grad_logp[t] * logp[t] (+ grad_entropy[t] * entropy[t]):
+    X = hidden @ weight.T + bias,  Z = transform(X)  (mio_kernels.transform.LogitTransform: two floats),
+    dZ = grad_logp[:, None] * (onehot(labels) - P) - grad_entropy[:, None] * P * (Z - E_P[Z]),  P = softmax(Z),
+    dX = dZ * dZ/dX,  d_hidden = dX @ weight,  d_weight = dX.T @ hidden,  d_bias = dX.sum(0),
 without ever holding Z whole. grad_logp is 0 at ignored tokens. softmax_stats is what the
 backend's forward saved to rebuild softmax(Z) tiles, in one layout for every backend: the row
 max and log-sum-exp(Z - max) kept apart (two numbers per token), since one fp32
@@ -30,6 +32,8 @@ from typing import Callable, Dict, Optional, Protocol, Tuple
 
 import torch
 
+from mio_kernels.transform import IDENTITY, LogitTransform
+
 BACKEND_NAMES = ("auto", "triton", "native", "reference")
 
 
@@ -40,12 +44,14 @@ class KernelBackend(Protocol):
         """None if this backend can run on `device`, else the reason it cannot."""
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: Optional[torch.Tensor], ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> (logp [N], softmax_stats [N, 2])."""
+                bias: Optional[torch.Tensor], ignore_index: int, transform: LogitTransform = IDENTITY,
+                with_entropy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (logp [N], softmax_stats [N, 2], or [N, 3] with the entropy)."""
 
     def backward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                  bias: Optional[torch.Tensor], softmax_stats: torch.Tensor, grad_logp: torch.Tensor,
-                 ignore_index: int, needs_hidden_grad: bool, needs_weight_grad: bool
+                 ignore_index: int, needs_hidden_grad: bool, needs_weight_grad: bool,
+                 transform: LogitTransform = IDENTITY, grad_entropy: Optional[torch.Tensor] = None
                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """-> (d_hidden | None, d_weight | None, d_bias | None)."""
 

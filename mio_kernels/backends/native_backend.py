@@ -50,6 +50,7 @@ from typing import Dict, Optional
 import torch
 
 from mio_kernels import _native
+from mio_kernels.transform import IDENTITY, LogitTransform
 
 ENV_CHUNK_MB = "MIO_KERNELS_NATIVE_CHUNK_MB"
 DEFAULT_CHUNK_MB = {"cpu": 64, "cuda": 1024}
@@ -107,17 +108,18 @@ class NativeBackend:
                     "`pip install --no-build-isolation -e .` where torch is a CUDA build and nvcc is found")
         return f"the native backend runs on cpu and cuda tensors, not {device.type}"
 
-    def forward(self, hidden, weight, labels, bias, ignore_index):
+    def forward(self, hidden, weight, labels, bias, ignore_index, transform: LogitTransform = IDENTITY,
+                with_entropy: bool = False):
         """hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None -> (logp [N],
-        softmax_stats [N, 2]: row max, log sum exp(z - max)), fp32 (fp64 for fp64 inputs);
-        logp is 0 at ignore_index."""
-        return _native.logprob_forward(hidden, weight, labels, bias, ignore_index,
-                                       chunk_budget_bytes(hidden.device))
+        softmax_stats [N, 2]: row max, log sum exp(z - max) [, entropy]), fp32 (fp64 for fp64
+        inputs); logp is 0 at ignore_index."""
+        return _native.logprob_forward(hidden, weight, labels, bias, ignore_index, chunk_budget_bytes(hidden.device),
+                                       transform.scale, transform.cap, with_entropy)
 
     def backward(self, hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
-                 needs_hidden_grad, needs_weight_grad):
+                 needs_hidden_grad, needs_weight_grad, transform: LogitTransform = IDENTITY, grad_entropy=None):
         """-> (d_hidden [N, H] | None, d_weight [V, H] | None, d_bias [V] | None), gradients of
-        sum_t grad_logp[t] * logp[t] in the parameters' dtypes."""
+        sum_t grad_logp[t] * logp[t] (+ grad_entropy[t] * entropy[t]) in the parameters' dtypes."""
         return _native.logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
-                                        needs_hidden_grad, needs_weight_grad,
-                                        chunk_budget_bytes(hidden.device))
+                                        needs_hidden_grad, needs_weight_grad, chunk_budget_bytes(hidden.device),
+                                        transform.scale, transform.cap, grad_entropy)

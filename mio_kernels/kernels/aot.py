@@ -26,8 +26,12 @@ BACKWARD = gpu_backward_config(HIDDEN)
 TENSOR_CORE_OP = {80: "mma.sync", 90: "wgmma"}
 
 
+SCALARS = {"scale": "fp32", "cap": "fp32"}
+
+
 def _signature(kernel, pointers, constexprs):
-    return {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}
+    types = {**SCALARS, **pointers}
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
 
 
 def compile_kernel(kernel, pointers, constexprs, cfg: LaunchConfig, cap: int):
@@ -43,12 +47,13 @@ def builds():
         precision = "ieee" if dtype == "fp32" else "tf32"
         io = {"H": f"*{dtype}", "W": f"*{dtype}", "Y": "*i64", "B": f"*{dtype}"}
         yield ("forward", dtype, logprob_forward_kernel,
-               {**io, "MAX_PART": "*fp32", "SUMEXP_PART": "*fp32", "TARGET_PART": "*fp32"},
-               dict(HAS_BIAS=True, UPCAST=False, DOT_PRECISION=precision,
+               {**io, "MAX_PART": "*fp32", "SUMEXP_PART": "*fp32", "TARGET_PART": "*fp32", "MOMENT_PART": "*fp32"},
+               dict(HAS_BIAS=True, TRANSFORM=0, ENTROPY=False, UPCAST=False, DOT_PRECISION=precision,
                     BLOCK_N=FORWARD.block_n, BLOCK_V=FORWARD.block_v, BLOCK_D=FORWARD.block_d), FORWARD)
         yield ("backward", dtype, logprob_backward_kernel,
-               {**io, "ROW_MAX": "*fp32", "LOG_SUMEXP": "*fp32", "G": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32"},
-               dict(HAS_BIAS=True, COMPUTE_DH=True, COMPUTE_DW=True, UPCAST=False, DOT_PRECISION=precision,
+               {**io, "ROW_MAX": "*fp32", "LOG_SUMEXP": "*fp32", "G": "*fp32", "GE": "*fp32", "MU": "*fp32",
+                "DH": "*fp32", "DW": "*fp32", "DB": "*fp32"},
+               dict(HAS_BIAS=True, TRANSFORM=0, ENTROPY=False, COMPUTE_DH=True, COMPUTE_DW=True, UPCAST=False, DOT_PRECISION=precision,
                     BLOCK_N=BACKWARD.block_n, BLOCK_V=BACKWARD.block_v, BLOCK_D=BACKWARD.block_d,
                     GROUP_N=BACKWARD.group_n), BACKWARD)
 

@@ -1,9 +1,12 @@
 """Triton backward: recompute a logit tile, turn it into dZ, and scatter dH, dW, db.
 
 One program per (token block, vocab block) tile:
-    z  = h @ w.T (+ b)                      recomputed from the saved inputs, fp32 accumulate
-    dZ = g * (onehot(y) - exp((z - m) - log_sumexp))   g = dL/dlogp per token (0 where ignored);
-                                            m and log_sumexp saved by the forward
+    x  = h @ w.T (+ b)                      recomputed from the saved inputs, fp32 accumulate
+    z  = transform(x)                       (tile.transform_tile; identity costs nothing)
+    dZ = g * (onehot(y) - p) - gH * p * ((z - m) - mu),   p = exp((z - m) - log_sumexp)
+                                            g = dL/dlogp, gH = dL/dentropy per token (0 where ignored);
+                                            m, log_sumexp saved by the forward, mu = E_p[z - m]
+    dX = dZ * dz/dx
     dH[tokens] += dZ @ w,  dW[vocab] += dZ.T @ h,  db[vocab] += sum_tokens dZ
 The adds are fp32 atomics into dH [N, D] and dW [V, D] (cast to the parameter dtype by the
 launcher), so no N x V tensor ever exists and nothing beyond dH + dW + O(N) is allocated.
@@ -16,14 +19,16 @@ import triton
 import triton.language as tl
 
 from mio_kernels.kernels.config import backward_config, dot_precision, upcast_on_load
-from mio_kernels.kernels.tile import logit_tile
+from mio_kernels.kernels.tile import logit_tile, transform_code, transform_tile
+from mio_kernels.transform import IDENTITY
 
 
 @triton.jit
 def logprob_backward_kernel(
-    H, W, Y, B, ROW_MAX, LOG_SUMEXP, G, DH, DW, DB,
-    N, V, D, stride_hn, stride_wv, stride_dhn, stride_dwv,
-    HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    H, W, Y, B, ROW_MAX, LOG_SUMEXP, G, GE, MU, DH, DW, DB,
+    N, V, D, stride_hn, stride_wv, stride_dhn, stride_dwv, scale, cap,
+    HAS_BIAS: tl.constexpr, TRANSFORM: tl.constexpr, ENTROPY: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -43,14 +48,19 @@ def logprob_backward_kernel(
     mask_n = offs_n < N
     mask_v = offs_v < V
     g = tl.load(G + offs_n, mask=mask_n, other=0.0)
+    g_any = tl.abs(g)
+    if ENTROPY:
+        ge = tl.load(GE + offs_n, mask=mask_n, other=0.0)
+        g_any += tl.abs(ge)
     # 64-bit row offsets: N * H and V * H may exceed 2^31.
     h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
     w_rows = W + offs_v.to(tl.int64)[:, None] * stride_wv
     dh_rows = DH + offs_n.to(tl.int64)[:, None] * stride_dhn
     dw_rows = DW + offs_v.to(tl.int64)[:, None] * stride_dwv
-    if tl.max(tl.abs(g), axis=0) > 0.0:
+    if tl.max(g_any, axis=0) > 0.0:
         logits = logit_tile(h_rows, w_rows, B, offs_v, mask_n, mask_v, D, HAS_BIAS, UPCAST, DOT_PRECISION,
                             BLOCK_N, BLOCK_V, BLOCK_D)
+        logits, slope = transform_tile(logits, scale, cap, TRANSFORM)
 
         labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
         row_max = tl.load(ROW_MAX + offs_n, mask=mask_n, other=float("inf"))  # rows past N: probs = 0
@@ -58,6 +68,12 @@ def logprob_backward_kernel(
         probs = tl.exp((logits - row_max[:, None]) - log_sumexp[:, None])
         onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
         dz = g[:, None] * (onehot - probs)
+        if ENTROPY:
+            mu = tl.load(MU + offs_n, mask=mask_n, other=0.0)
+            centered = tl.where(mask_n[:, None], logits - row_max[:, None], 0.0)  # rows past N: probs = 0
+            dz -= ge[:, None] * probs * (centered - mu[:, None])
+        if TRANSFORM != 0:
+            dz = dz * slope
         dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
         if HAS_BIAS and COMPUTE_DW:
             tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
@@ -89,9 +105,9 @@ def logprob_backward_kernel(
 
 
 def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ignore_index,
-                     needs_hidden_grad: bool, needs_weight_grad: bool):
-    """Gradients of sum_t grad_logp[t] * logp[t]; see the module docstring. softmax_stats [N, 2]
-    is what logprob_forward returned (row max, log sum exp).
+                     needs_hidden_grad: bool, needs_weight_grad: bool, transform=IDENTITY, grad_entropy=None):
+    """Gradients of sum_t grad_logp[t] * logp[t] (+ grad_entropy[t] * entropy[t]); see the module
+    docstring. softmax_stats [N, 2] ([N, 3] with the entropy) is what logprob_forward returned.
 
     Allocates fp32 dH [N, D] and dW [V, D] (+ db [V]) accumulators and nothing of size N x V.
     """
@@ -106,16 +122,22 @@ def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ign
         return None, None, None
     # Ignored tokens carry grad 0 by contract; force it so a stray value cannot leak in.
     grad_logp = torch.where(labels != ignore_index, grad_logp.float(), 0.0).contiguous()
-    row_max, log_sumexp = (col.contiguous() for col in softmax_stats.float().unbind(1))  # O(N) copies
+    stats = softmax_stats.float()
+    row_max, log_sumexp = stats[:, 0].contiguous(), stats[:, 1].contiguous()  # O(N) copies
+    entropy = grad_entropy is not None
+    if entropy:
+        grad_entropy = torch.where(labels != ignore_index, grad_entropy.float(), 0.0).contiguous()
+        mean = (stats[:, 1] - stats[:, 2]).contiguous()  # E_p[z - m] = log sum exp(z - m) - entropy
     any_out = d_hidden if d_hidden is not None else d_weight
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     logprob_backward_kernel[grid](
         hidden, weight, labels, bias if bias is not None else hidden, row_max, log_sumexp, grad_logp,
+        grad_entropy if entropy else grad_logp, mean if entropy else grad_logp,
         d_hidden if d_hidden is not None else any_out,
         d_weight if d_weight is not None else any_out,
         d_bias if d_bias is not None else any_out,
-        n, v, d, hidden.stride(0), weight.stride(0), d, d,
-        HAS_BIAS=bias is not None, COMPUTE_DH=d_hidden is not None, COMPUTE_DW=d_weight is not None,
+        n, v, d, hidden.stride(0), weight.stride(0), d, d, transform.scale, transform.cap,
+        HAS_BIAS=bias is not None, TRANSFORM=transform_code(transform), ENTROPY=entropy, COMPUTE_DH=d_hidden is not None, COMPUTE_DW=d_weight is not None,
         UPCAST=upcast_on_load(hidden), DOT_PRECISION=dot_precision(hidden),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

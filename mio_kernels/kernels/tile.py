@@ -23,3 +23,27 @@ def logit_tile(h_rows, w_rows, B, offs_v, mask_n, mask_v, D,
     if HAS_BIAS:
         logits += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     return logits
+
+
+@triton.jit
+def transform_tile(x, scale, cap, TRANSFORM: tl.constexpr):
+    """Logit transform of a tile -> (z, dz/dx). TRANSFORM (constexpr): 0 identity (slope 1, nothing
+    computed), 1 z = scale * x, 2 z = cap * tanh(scale * x). With e = exp(-2|u|), u = scale * x:
+    tanh(u) = sign(u) (1 - e) / (1 + e) and 1 - tanh(u)^2 = 4e / (1 + e)^2, exact where tanh saturates."""
+    z = x
+    slope = 1.0
+    if TRANSFORM == 1:
+        z = x * scale
+        slope = scale
+    if TRANSFORM == 2:
+        u = x * scale
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        z = cap * tl.where(u < 0, -t, t)
+        slope = (4.0 * scale * cap) * e / ((1.0 + e) * (1.0 + e))
+    return z, slope
+
+
+def transform_code(transform) -> int:
+    """The TRANSFORM constexpr of a LogitTransform: 0 identity, 1 scale only, 2 softcap."""
+    return 2 if transform.cap > 0 else (0 if transform.scale == 1.0 else 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -109,14 +110,38 @@ def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None, dtype:
     return lm, tok
 
 
-def check_supported(lm: nn.Module) -> None:
-    """Refuse models whose logits are not plain `hidden @ lm_head.weight.T (+ bias)`."""
-    cfg = lm.config
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+# Config attributes that transform the logits in ways the op cannot express.
+UNSUPPORTED_HEAD_ATTRS = ("output_multiplier_scale",)
+
+
+def head_transform(lm: nn.Module) -> Dict[str, Optional[float]]:
+    """The op's logit-transform options for `lm`'s head, read from its config: Gemma-2/3
+    `final_logit_softcapping` (z = c * tanh(x / c)), Cohere `logit_scale` (z = s * x), Granite
+    `logits_scaling` (z = x / s). Raises ValueError naming an attribute the op cannot express."""
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for attr in UNSUPPORTED_HEAD_ATTRS:
         value = getattr(cfg, attr, None)
         if value not in (None, 0, 1, 1.0, False):
-            raise ValueError(f"{type(lm).__name__} transforms its logits ({attr}={value}); the fused loss "
-                             "scores hidden @ lm_head.weight.T + bias only")
+            raise ValueError(f"{type(lm).__name__} transforms its logits with {attr}={value}, which the fused "
+                             "loss cannot express (it scores c * tanh(s * (hidden @ lm_head.weight.T + bias) / c))")
+    scale = 1.0
+    for attr, invert in (("logit_scale", False), ("logits_scaling", True)):
+        value = getattr(cfg, attr, None)
+        if value is None:
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value != 0):
+            raise ValueError(f"{type(lm).__name__}'s {attr}={value!r} must be a finite nonzero number")
+        scale *= 1.0 / value if invert else float(value)
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None  # 0 / False: none
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{type(lm).__name__}'s final_logit_softcapping={softcap!r} must be None or a number > 0")
+    return dict(logit_scale=scale, final_logit_softcapping=None if softcap is None else float(softcap))
+
+
+def check_supported(lm: nn.Module) -> None:
+    """Refuse models whose logits the op cannot express: transform attributes it does not know
+    (head_transform), or an output embedding that is not an nn.Linear."""
+    head_transform(lm)
     head = lm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(lm).__name__}'s output embedding is a {type(head).__name__}, not nn.Linear")
@@ -142,7 +167,7 @@ class HeadTasks:
     bias [V] | None) and its own inputs, and returns a plain dict of tensors.
 
     The preference loss is the op's own `FusedMIOLoss` module, configured once from the run's
-    `PreferenceConfig`. No host-syncing value checks in the step (check_values=False): token ids
+    `PreferenceConfig` (which carries the model's logit transform, `head_transform`). No host-syncing value checks in the step (check_values=False): token ids
     are validated once, up front (Trainer: ids < vocab), and non-finite values are caught at log
     and checkpoint time.
     """
@@ -150,6 +175,8 @@ class HeadTasks:
     def __init__(self, loss_cfg: PreferenceConfig, backend: str = "auto"):
         self.cfg, self.backend = loss_cfg, backend
         self.loss = FusedMIOLoss(**dataclasses.asdict(loss_cfg), backend=backend, check_values=False)
+        self.transform_options = dict(temperature=loss_cfg.temperature, logit_scale=loss_cfg.logit_scale,
+                                      final_logit_softcapping=loss_cfg.final_logit_softcapping)
 
     def preference(self, hidden, weight, bias, labels: Tensor, ref_logps: Optional[Tensor]) -> Dict[str, Tensor]:
         """The preference loss (+ SFT term) of one batch in the loss's row layout, and its metrics."""
@@ -160,19 +187,20 @@ class HeadTasks:
         """[S] fp32 sequence log-prob SUMS (what the op takes as ref_logps, for every loss type) and
         [S] scored-token counts (to apply a length-normalised loss's reduction to them)."""
         token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
-                                      backend=self.backend)
+                                      backend=self.backend, **self.transform_options)
         seq = reduce_sequences(token_logps, labels, self.cfg.ignore_index, length_normalized=False)
         return {"policy_logps": seq.token_sums.float(), "token_counts": seq.counts.float()}
 
     def token_nll(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
         """Summed NLL of the scored tokens (the SFT warm-up)."""
         token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
-                                      backend=self.backend)
+                                      backend=self.backend, **self.transform_options)
         return {"nll_sum": -token_logps.sum()}
 
     @staticmethod
     def next_logits(hidden, weight, bias) -> Dict[str, Tensor]:
-        """[S, V] fp32 logits of the last position only (greedy decoding)."""
+        """[S, V] fp32 raw logits of the last position only (greedy decoding: their argmax is that of
+        the transformed logits, the transform being increasing for logit_scale > 0)."""
         last = hidden[:, -1]
         logits = last @ weight.T if bias is None else torch.addmm(bias, last, weight.T)
         return {"logits": logits.float()}

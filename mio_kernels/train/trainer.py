@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,7 +33,7 @@ from mio_kernels.train.config import ConfigError, TrainConfig
 from mio_kernels.train.data import Example, collate, load_rows, sample_order, tokenize_rows
 from mio_kernels.train.evaluate import evaluate, sequence_logps, write_generations
 from mio_kernels.train.metrics import MetricsLog
-from mio_kernels.train.model import HeadTasks, PreferenceModel, load_model_and_tokenizer
+from mio_kernels.train.model import HeadTasks, PreferenceModel, head_transform, load_model_and_tokenizer
 from mio_kernels.train.parallelize import (Dist, all_reduce_sum, barrier, full_state_dict, init_distributed,
                                            parallelize, reshard_all, set_head_kept_gathered)
 from mio_kernels.train.reference import batch_reference, frozen_copy, score_table
@@ -129,7 +129,8 @@ class Trainer:
 
         self.bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
         self.model = parallelize(PreferenceModel(self.lm), d, self.bf16, cfg.activation_checkpointing)
-        self.tasks = HeadTasks(cfg.preference_config(self.k), cfg.backend)
+        loss_cfg = replace(cfg.preference_config(self.k), **head_transform(self.lm))
+        self.tasks = HeadTasks(loss_cfg, cfg.backend)
         self.pad_id = self.tok.pad_token_id
         self.phases = make_phases(cfg, d.world_size)
         self.state = TrainState(self.model)
