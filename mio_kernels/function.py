@@ -149,7 +149,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                     ignore_index: int = -100, backend: str = "auto", *, temperature: float = 1.0,
                     logit_scale: float = 1.0, final_logit_softcapping: Optional[float] = None,
-                    return_entropy: bool = False):
+                    return_entropy: bool = False, check_values: bool = True):
     """Per-token log-probs of `labels` under the logits z (below), never held whole.
 
     z = c * tanh(s * x / c) / T with x = hidden @ weight.T (+ bias), c = final_logit_softcapping,
@@ -157,10 +157,11 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Option
     hidden [..., H] (fp32/bf16/fp16), weight [V, H], labels [...] int -> fp32 [...] (0 where ignored),
     differentiable w.r.t. hidden, weight and bias for any upstream gradient. With return_entropy:
     (log-probs, entropy), the entropy of softmax(z) per token, fp32 [...] (0 where ignored), also
-    differentiable; both come from one pass over the logits.
+    differentiable; both come from one pass over the logits. check_values: the label range check
+    (one host sync); turn off for a sync-free (or torch.compile'd) step.
     """
     check_transform(temperature, logit_scale, final_logit_softcapping)
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_label_values=check_values)
     transform = LogitTransform.of(temperature, logit_scale, final_logit_softcapping)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
