@@ -392,7 +392,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a small sweep (under 2 minutes on a 2-core CPU)")
     p.add_argument("--losses", default="mio,dpo", help="comma-separated loss types (default: mio,dpo)")
     p.add_argument("--impls", default=None,
-                   help="comma-separated: naive, naive_dtype, compiled, liger, cce, ours (= every available kernel "
+                   help="comma-separated: naive, naive_dtype, compiled, liger, cce, trl, ours (= every available kernel "
                         "backend), or a backend name (triton, native); default: all of them, naive_dtype only for "
                         "bf16/fp16")
     p.add_argument("--ours", default=None, help="the backend of ours every row is checked against and compared "

@@ -17,6 +17,9 @@ What each one computes (all: sum of token log-probs per sequence, beta, mean ove
             per chunk), so it runs reference-free (use_ref_model=False): the same FLOPs and memory
             as a precomputed reference, which only shifts the log-ratios by a constant. Its check
             target is therefore ours with reference_free=True.
+  trl       TRL's fused LM head (trl.kernels.ChunkedLogProbFunction, what DPOTrainer's fused head
+            runs; its chunk width), per-token log-probs reduced and fed to the op's own objective;
+            on CPU it folds tiles with torch ops, as TRL does without Triton.
   cce       Apple Cut Cross-Entropy linear_cross_entropy(..., reduction="none") per-token losses,
             reduced and fed to the op's own objective (mio_kernels.objective). impl="cce"
             (Triton) on CUDA, impl="torch_compile" elsewhere.
@@ -34,7 +37,7 @@ from torch import Tensor
 Step = Callable[[], Tuple[Tensor, Optional[Tensor]]]
 
 LIGER_LOSS_TYPE = {"dpo": "sigmoid", "mio": "nca_pair"}
-PEER_PACKAGES = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
+PEER_PACKAGES = {"liger": "liger-kernel", "cce": "cut-cross-entropy", "trl": "trl"}
 
 
 @dataclass
@@ -184,8 +187,23 @@ def _build_cce(inputs: Inputs, loss_type: str) -> Step:
     return step
 
 
+def _build_trl(inputs: Inputs, loss_type: str) -> Step:
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    scored = inputs.labels != inputs.ignore_index
+    flat_labels = torch.where(scored, inputs.labels, 0).reshape(-1)
+
+    def step():
+        hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])
+        logps = ChunkedLogProbFunction.apply(hidden, inputs.weight, None, flat_labels, 1.0,
+                                             _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+        return _loss_from_token_logps(inputs, loss_type, logps.view(scored.shape) * scored)
+    return step
+
+
 _BUILDERS = {"naive": _build_naive, "naive_dtype": _build_naive_dtype, "compiled": _build_compiled,
-             "liger": _build_liger, "cce": _build_cce}
+             "liger": _build_liger, "cce": _build_cce, "trl": _build_trl}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +226,12 @@ def _cce_unavailable(device, loss_type, num_negatives):
     return _import_error("cut_cross_entropy")
 
 
+def _trl_unavailable(device, loss_type, num_negatives):
+    if peer_version("trl") is None:
+        return "trl not installed (pip install .[trl])"
+    return _import_error("trl.kernels")
+
+
 def _always_available(device, loss_type, num_negatives):
     return None
 
@@ -225,7 +249,8 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
-_UNAVAILABLE = {"liger": _liger_unavailable, "cce": _cce_unavailable, "naive": _always_available,
+_UNAVAILABLE = {"liger": _liger_unavailable, "cce": _cce_unavailable, "trl": _trl_unavailable,
+                "naive": _always_available,
                 "naive_dtype": _always_available, "compiled": _always_available}
 
 PEERS = (
@@ -233,6 +258,7 @@ PEERS = (
     Impl("naive_dtype", "naive, GEMM in the input dtype (TRL-style)"),
     Impl("compiled", "torch.compile(naive)"),
     Impl("liger", "Liger LigerFusedLinearDPOLoss (ref-free)", target="free"),
+    Impl("trl", "TRL fused LM head (ChunkedLogProbFunction) + loss"),
     Impl("cce", "Cut Cross-Entropy + loss"),
 )
 

@@ -61,3 +61,14 @@ def test_missing_peer_is_reported_skipped(tmp_path, monkeypatch):
     liger = [r for r in rows if r["impl"] == "liger"]
     assert len(liger) == 1 and liger[0]["status"] == "skipped" and "not installed" in liger[0]["reason"]
     assert "skipped: liger-kernel not installed" in (tmp_path / "smoke.md").read_text()
+
+
+def test_trl_fused_head_row_matches_the_target(tmp_path):
+    """TRL's fused LM head is a real peer row: it runs and its loss and gradients match ours."""
+    argv = ["--device", "cpu", "--shapes", "2x16x8x64", "--impls", "naive,trl", "--ours", "native",
+            "--losses", "mio", "--repeats", "1", "--warmup", "1", "--min-time", "0", "--out", str(tmp_path),
+            "--tag", "trl", "--in-process"]
+    bench_loss.main(argv)
+    rows = {row["impl"]: row for row in _rows(tmp_path, "trl")["rows"]}
+    assert rows["trl"]["status"] == "ok", rows["trl"]
+    assert rows["trl"]["check"]["status"] in ("target", "ok"), rows["trl"]["check"]
