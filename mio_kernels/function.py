@@ -17,6 +17,7 @@ from mio_kernels.backends import get_backend, resolve_backend
 from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
 from mio_kernels.sequence import reduce_sequences, result_dtype
+from mio_kernels.single_pass import SinglePassPreferenceLossFunction, check_backward_mode, resolve_backward_mode
 from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
                                     check_reference)
 
@@ -112,7 +113,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                    loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
                    label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                    sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                   check_values: bool = True) -> MIOLossOutput:
+                   check_values: bool = True, backward_mode: str = "auto") -> MIOLossOutput:
     """Preference loss straight from LM-head inputs, without materialising the logits.
 
     hidden [S, T, H] policy final hidden states (fp32/bf16/fp16), weight [V, H], labels [S, T] int
@@ -123,6 +124,11 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     forward-only; neither with reference_free=True.
     Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
+    backward_mode: "auto" | "single_pass" | "recompute" (mio_kernels/single_pass.py). single_pass
+    forms the gradient in the forward (6 N H V FLOPs instead of 8; native backend) and needs
+    slots * (V * H + V) * 4 bytes of fp32 accumulators (slots = 1 for separable losses and for
+    difference losses at K = 1 without SFT, else 1 + K) within the native chunk budget; auto
+    takes it whenever a gradient is needed and it fits, else recompute.
     """
     cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
@@ -139,6 +145,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                             check_label_values=False)
     backend = resolve_backend(backend, hidden.device)
     labels = labels.long()
+    backward_mode = resolve_backward_mode(backward_mode, backend, cfg, hidden, weight, labels, bias)
 
     if backend == "reference":
         out = reference_preference_loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps,
@@ -156,9 +163,14 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
             ref_logps = ref_logps.to(result_dtype(hidden))
             if check_values:
                 check_finite_result(ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-    loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
-        hidden, weight, labels, bias, None if ref_logps is None else ref_logps.detach(), cfg, backend, check_values)
-    return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics))
+    ref_logps = None if ref_logps is None else ref_logps.detach()
+    if backward_mode == "single_pass":
+        loss, policy_logps, metrics = SinglePassPreferenceLossFunction.apply(
+            hidden, weight, labels, bias, ref_logps, cfg, check_values)
+    else:
+        loss, policy_logps, metrics = FusedPreferenceLossFunction.apply(
+            hidden, weight, labels, bias, ref_logps, cfg, backend, check_values)
+    return MIOLossOutput(loss, policy_logps, ref_logps, metrics_dict(metrics))
 
 
 class FusedMIOLoss(nn.Module):
@@ -167,14 +179,15 @@ class FusedMIOLoss(nn.Module):
     def __init__(self, loss_type: str = "mio", beta: float = 0.1, num_negatives: int = 1,
                  label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                  sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                 check_values: bool = True):
+                 check_values: bool = True, backward_mode: str = "auto"):
         super().__init__()
+        check_backward_mode(backward_mode)
         self.options = dict(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                             label_smoothing=label_smoothing, average_log_prob=average_log_prob,
                             reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index,
-                            backend=backend, check_values=check_values)
+                            backend=backend, check_values=check_values, backward_mode=backward_mode)
         check_config(PreferenceConfig(**{k: v for k, v in self.options.items()
-                                         if k not in ("backend", "check_values")}))
+                                         if k not in ("backend", "check_values", "backward_mode")}))
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                 ref_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
