@@ -77,6 +77,7 @@ class _Schedule(NamedTuple):
     group_of: Tensor     # [M] group of each row (cpu)
     group_start: Tensor  # [num_groups] first position of each group (cpu)
     group_end: Tensor    # [num_groups] one past its last position (cpu)
+    breaks: Tensor       # [M] number of positions p <= i with rows[p] != rows[p - 1] + 1 (cpu)
 
 
 def _schedule(labels_cpu: Tensor, ignore_index: int, members: Tensor, shared: bool, device) -> _Schedule:
@@ -89,7 +90,8 @@ def _schedule(labels_cpu: Tensor, ignore_index: int, members: Tensor, shared: bo
     counts = scored.sum(1).view(-1, width).sum(1)
     end = counts.cumsum(0)
     slot = torch.zeros_like(member) if shared else member % width
-    return _Schedule(rows.to(device), rows, seq.to(device), slot, member // width, end - counts, end)
+    breaks = torch.cat([rows.new_zeros(min(1, len(rows))), (rows[1:] != rows[:-1] + 1).cumsum(0)])
+    return _Schedule(rows.to(device), rows, seq.to(device), slot, member // width, end - counts, end, breaks)
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -134,9 +136,8 @@ class _Walk:
         self.open_group, self.open_start, self.used_slots = -1, 0, set()
 
     def hidden_rows(self, k0: int, k1: int) -> Tensor:
-        first, last = int(self.sched.rows_cpu[k0]), int(self.sched.rows_cpu[k1 - 1])
-        if last - first == k1 - k0 - 1:
-            return self.hidden.narrow(0, first, k1 - k0).to(self.cd)
+        if int(self.sched.breaks[k1 - 1]) == int(self.sched.breaks[k0]):   # consecutive token rows
+            return self.hidden.narrow(0, int(self.sched.rows_cpu[k0]), k1 - k0).to(self.cd)
         return self.hidden.index_select(0, self.sched.rows[k0:k1]).to(self.cd)
 
     def factors(self, c: Optional[Tensor], k0: int, known_end: int, k1: int) -> Tensor:
