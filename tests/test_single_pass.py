@@ -208,6 +208,25 @@ def test_reference_model_states_and_module():
     assert "backward_mode='single_pass'" in repr(module)
 
 
+@needs_native
+@pytest.mark.parametrize("loss_type,k", [("mio", 1), ("dpo", 2)])
+def test_budget_bounds_every_temporary(loss_type, k):
+    """Accumulators + logits chunk stay within the budget; nothing of N x V elements is allocated."""
+    from test_memory import LargestTensor
+
+    inputs = make_inputs(k, torch.float32, t=40, v=1009, bias=True)
+    n, v, h = inputs["labels"].numel(), 1009, 32
+    slots = coefficient_groups(PreferenceConfig(loss_type, num_negatives=k), inputs["labels"]).accumulator_slots
+    budget = slots * (v * h + v) * 4 + 64 * v * 4
+    set_chunk_budget_bytes(budget)
+    leaves = {key: (val.requires_grad_() if key in ("hidden", "weight", "bias") else val) for key, val in inputs.items()}
+    with LargestTensor() as probe:
+        out = fused_mio_loss(**leaves, loss_type=loss_type, num_negatives=k, backend="native",
+                             backward_mode="single_pass")
+        out.loss.backward()
+    assert probe.nbytes <= max(budget, v * h * 4, n * h * 4) < n * v * 4, probe.nbytes
+
+
 # ---------------------------------------------------------------- choosing the mode
 
 
