@@ -4,6 +4,8 @@ forward:  kernel forward (per-token logp [N] and softmax statistics, logits neve
           -> sequence reduction l [S] -> objective: loss, closed-form dL/dlogp per sequence [S]
 backward: dlogp per token = grad_loss * that factor -> kernel backward (recomputes logit tiles)
 Saved for backward: the inputs, the O(N) softmax statistics and the [S] factor. Nothing of size N x V.
+That is backward_mode="recompute"; "single_pass" (native backend, the default where it fits) forms
+the gradient in the forward instead: mio_kernels/single_pass.py.
 """
 from __future__ import annotations
 
