@@ -61,6 +61,17 @@ def gemm_rate(rows: int, h: int, v: int, repeats: int = 5) -> float:
     return 2.0 * rows * h * v / best
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="2x1024x256x32000", help="PxTxHxV (S = 2P rows of T tokens)")
@@ -75,7 +86,7 @@ def main() -> None:
     inputs = make_inputs(p, t, h, v)
     rate = gemm_rate(min(n, chunk_budget_bytes(torch.device("cpu")) // (v * 4)), h, v)
     result = {"shape": dict(P=p, T=t, H=h, V=v, N=n), "threads": args.threads, "rounds": args.rounds,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": f"{cpu_name()}, {os.cpu_count()} cores",
               "load_avg_1m_start": os.getloadavg()[0], "gemm_flops_per_s": rate, "losses": {}}
     for loss_type in args.losses.split(","):
         times = {m: [] for m in MODES}
