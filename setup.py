@@ -108,7 +108,7 @@ def _extension_kwargs():
     from torch.utils import cpp_extension
 
     _ensure_ninja_on_path()
-    sources = ["csrc/bindings.cpp", "csrc/logprob_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/logprob_cpu.cpp", "csrc/grad_epilogue.cpp"]
     cxx = ["-O3", "-fopenmp"] + ([] if _flag("MIO_KERNELS_DEBUG") else ["-g0"])
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if _flag("MIO_KERNELS_NO_CUDA"):
@@ -128,7 +128,8 @@ def _extension_kwargs():
     if with_cuda:
         _log(f"building mio_kernels._C with CUDA ({' '.join(gencode)})")
         ext = cpp_extension.CUDAExtension(
-            **{**common, "sources": sources + ["csrc/cuda/logprob_cuda.cpp", "csrc/cuda/logprob_epilogue.cu"]},
+            **{**common, "sources": sources + ["csrc/cuda/logprob_cuda.cpp", "csrc/cuda/logprob_epilogue.cu",
+                                               "csrc/cuda/grad_epilogue_cuda.cpp", "csrc/cuda/grad_epilogue.cu"]},
             define_macros=[("MIO_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + gencode},
         )

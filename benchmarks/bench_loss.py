@@ -40,7 +40,7 @@ if HERE not in sys.path:
 
 import loss_measure as measure  # noqa: E402
 import loss_report as report  # noqa: E402
-from loss_impls import PEERS, Impl, Inputs, build_reference_free, first_line, ours_impl  # noqa: E402
+from loss_impls import PEERS, Impl, Inputs, build_reference_free, first_line, gemm_flop, ours_impl  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -249,6 +249,8 @@ def run_impl(impl: Impl, case: Case, settings: dict, store: TargetStore, role: s
             inputs.hidden.grad = inputs.weight.grad = None
             row.update(measure.peak_extra_bytes(run, device))
             row["tflops"] = measure.flops(shape.N, shape.H, shape.V) / row["median_s"] / 1e12
+            if gemm_flop(impl.name, shape.N, shape.H, shape.V) is not None:
+                row["gemm_flop"] = gemm_flop(impl.name, shape.N, shape.H, shape.V)
             row["status"] = "ok"
             row["load_avg_1m"] = measure.load_average()
             row["native_build"] = measure.native_build()
@@ -392,7 +394,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a small sweep (under 2 minutes on a 2-core CPU)")
     p.add_argument("--losses", default="mio,dpo", help="comma-separated loss types (default: mio,dpo)")
     p.add_argument("--impls", default=None,
-                   help="comma-separated: naive, naive_dtype, compiled, liger, cce, trl, ours (= every available kernel "
+                   help="comma-separated: naive, naive_dtype, compiled, liger, cce, trl, native_single_pass, "
+                        "native_recompute, ours (= every available kernel "
                         "backend), or a backend name (triton, native); default: all of them, naive_dtype only for "
                         "bf16/fp16")
     p.add_argument("--ours", default=None, help="the backend of ours every row is checked against and compared "

@@ -24,6 +24,9 @@ What each one computes (all: sum of token log-probs per sequence, beta, mean ove
             reduced and fed to the op's own objective (mio_kernels.objective). impl="cce"
             (Triton) on CUDA, impl="torch_compile" elsewhere.
   <backend> ours: fused_mio_loss(backend=<backend>) for each available kernel backend.
+  native_single_pass / native_recompute
+            ours on the native backend with backward_mode forced: the gradient formed in the forward
+            (6 N H V GEMM FLOPs) or recomputed in the backward (8 N H V). `gemm_flop` of each row.
 """
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ def _build_compiled(inputs: Inputs, loss_type: str) -> Step:
     return step
 
 
-def _build_ours(backend: str):
+def _build_ours(backend: str, backward_mode: str = "auto"):
     def build(inputs: Inputs, loss_type: str, reference_free: bool = False) -> Step:
         from mio_kernels import fused_mio_loss
 
@@ -118,7 +121,8 @@ def _build_ours(backend: str):
         ref = dict(reference_free=True) if reference_free else dict(ref_logps=inputs.ref_logps)
 
         def step():
-            out = fused_mio_loss(inputs.hidden, inputs.weight, inputs.labels, backend=backend, **ref, **opts)
+            out = fused_mio_loss(inputs.hidden, inputs.weight, inputs.labels, backend=backend,
+                                 backward_mode=backward_mode, **ref, **opts)
             return out.loss, out.policy_logps
         return step
     return build
@@ -202,8 +206,17 @@ def _build_trl(inputs: Inputs, loss_type: str) -> Step:
     return step
 
 
+# ours with the backward mode forced: name -> (backend, backward_mode, GEMM FLOPs per N H V)
+BACKWARD_MODE_IMPLS = {"native_single_pass": ("native", "single_pass", 6), "native_recompute": ("native", "recompute", 8)}
+
 _BUILDERS = {"naive": _build_naive, "naive_dtype": _build_naive_dtype, "compiled": _build_compiled,
-             "liger": _build_liger, "cce": _build_cce, "trl": _build_trl}
+             "liger": _build_liger, "cce": _build_cce, "trl": _build_trl,
+             **{name: _build_ours(backend, mode) for name, (backend, mode, _) in BACKWARD_MODE_IMPLS.items()}}
+
+
+def gemm_flop(name: str, n: int, h: int, v: int) -> Optional[float]:
+    """The LM-head GEMM FLOPs one fwd+bwd step of `name` does, where known (ours with a forced mode)."""
+    return BACKWARD_MODE_IMPLS[name][2] * float(n) * h * v if name in BACKWARD_MODE_IMPLS else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +249,11 @@ def _always_available(device, loss_type, num_negatives):
     return None
 
 
+def _native_unavailable(device, loss_type, num_negatives):
+    from mio_kernels.backends import unavailable_reason
+    return unavailable_reason("native", device)
+
+
 def _import_error(module: str) -> Optional[str]:
     try:
         importlib.import_module(module)
@@ -251,7 +269,8 @@ def first_line(err: BaseException) -> str:
 
 _UNAVAILABLE = {"liger": _liger_unavailable, "cce": _cce_unavailable, "trl": _trl_unavailable,
                 "naive": _always_available,
-                "naive_dtype": _always_available, "compiled": _always_available}
+                "naive_dtype": _always_available, "compiled": _always_available,
+                **{name: _native_unavailable for name in BACKWARD_MODE_IMPLS}}
 
 PEERS = (
     Impl("naive", "naive PyTorch (ours, reference backend)"),
@@ -260,6 +279,8 @@ PEERS = (
     Impl("liger", "Liger LigerFusedLinearDPOLoss (ref-free)", target="free"),
     Impl("trl", "TRL fused LM head (ChunkedLogProbFunction) + loss"),
     Impl("cce", "Cut Cross-Entropy + loss"),
+    Impl("native_single_pass", "ours, native, backward_mode='single_pass' (6NHV)"),
+    Impl("native_recompute", "ours, native, backward_mode='recompute' (8NHV)"),
 )
 
 

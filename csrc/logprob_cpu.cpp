@@ -3,6 +3,7 @@
 // dZ written over the logits buffer followed by the two ATen GEMMs for dH and dW.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers: a much faster build
 #include "logprob.h"
+#include "grad_epilogue.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -570,5 +571,25 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor&
   }
   return {dH, dW, db};
 }
+
+}  // namespace mio
+
+// ---------------------------------------------------------------- single-pass epilogue row
+
+namespace mio {
+
+template <typename acc_t>
+acc_t softmax_grad_row_impl(acc_t* z, int64_t V, int64_t y) {
+  const acc_t m = row_max(z, V);
+  const acc_t zy = z[y];
+  const double s = row_exp_inplace(z, V, m);
+  const acc_t log_s = static_cast<acc_t>(std::log(s));
+  row_scale(z, V, static_cast<acc_t>(-1.0 / s));
+  z[y] += acc_t(1);
+  return (zy - m) - log_s;  // as in forward_epilogue: keeps the digits m + log_s would lose
+}
+
+float softmax_grad_row(float* z, int64_t vocab, int64_t y) { return softmax_grad_row_impl(z, vocab, y); }
+double softmax_grad_row(double* z, int64_t vocab, int64_t y) { return softmax_grad_row_impl(z, vocab, y); }
 
 }  // namespace mio

@@ -111,3 +111,13 @@ def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ign
     return (d_hidden if need_hidden_grad else None,
             d_weight if need_weight_grad else None,
             d_bias if (need_weight_grad and bias is not None) else None)
+
+
+def grad_epilogue(logits: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+                  dz_dtype: torch.dtype) -> torch.Tensor:
+    """The single-pass epilogue, in place over logits [n, V] (fp32, fp64 for fp64 inputs; bias
+    not yet added): returns logp [n] of labels [n] (all scored, in [0, V)) and leaves
+    dZ = onehot(labels) - softmax(logits + bias) in the buffer, in dz_dtype: the logits' dtype,
+    or on CUDA bf16/fp16, written into the first half of each fp32 row."""
+    _require()
+    return torch.ops.mio_native.grad_epilogue(logits, labels, bias, dz_dtype)

@@ -4,6 +4,8 @@ forward:  kernel forward (per-token logp [N] and softmax statistics, logits neve
           -> sequence reduction l [S] -> objective: loss, closed-form dL/dlogp per sequence [S]
 backward: dlogp per token = grad_loss * that factor -> kernel backward (recomputes logit tiles)
 Saved for backward: the inputs, the O(N) softmax statistics and the [S] factor. Nothing of size N x V.
+That is backward_mode="recompute"; "single_pass" (native backend, the default where it fits) forms
+the gradient in the forward instead: mio_kernels/single_pass.py.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from mio_kernels.losses import DEFAULT_LOSS
 from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
 from mio_kernels.sequence import per_token, reduce_sequences, result_dtype
+from mio_kernels.single_pass import SinglePassPreferenceLossFunction, check_backward_mode, resolve_backward_mode
 from mio_kernels.transform import LogitTransform
 from mio_kernels.validation import (check_batch_layout, check_config, check_finite_result, check_linear_inputs,
-                                    check_packing, check_reference, check_transform)
+                                    check_first_order_only, check_packing, check_reference, check_transform)
 
 
 def _flat(hidden: Tensor, labels: Tensor):
@@ -76,13 +79,6 @@ def _op_entry(fn):
     return run
 
 
-def _refuse_double_backward() -> None:
-    # Autograd enables grad mode inside backward only for create_graph=True.
-    if torch.is_grad_enabled():
-        raise RuntimeError("second derivatives of the fused kernels are not supported (backward with "
-                           "create_graph=True); use backend='reference' if you need them")
-
-
 class FusedPreferenceLossFunction(torch.autograd.Function):
     """(hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)
     -> (loss, policy_logps, metrics, policy_sums)."""
@@ -106,7 +102,7 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics, _grad_sums):
-        _refuse_double_backward()
+        check_first_order_only()
         labels, seq_token_grad, cu_seqlens = ctx.saved_tensors[2], ctx.saved_tensors[5], ctx.saved_tensors[6]
         grad_token_logp = per_token(grad_loss * seq_token_grad, labels, cu_seqlens)
         with _outside_autocast(labels.device):
@@ -134,7 +130,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token_logps, grad_entropy=None):
-        _refuse_double_backward()
+        check_first_order_only()
         if grad_token_logps is None and grad_entropy is None:
             return (None,) * 8
         if grad_token_logps is None:
@@ -202,12 +198,11 @@ def _kernel_reference_sums(backend, ref_hidden, ref_weight, labels, ref_bias, cu
 def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                    cu_seqlens: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
                    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                   ref_bias: Optional[Tensor] = None,
-                   loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
+                   ref_bias: Optional[Tensor] = None, loss_type: str = DEFAULT_LOSS, beta: float = 0.1, num_negatives: int = 1,
                    label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                    sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
                    logit_scale: float = 1.0, final_logit_softcapping: Optional[float] = None,
-                   backend: str = "auto", check_values: bool = True) -> MIOLossOutput:
+                   backend: str = "auto", check_values: bool = True, backward_mode: str = "auto") -> MIOLossOutput:
     """Preference loss straight from LM-head inputs, without materialising the logits.
 
     hidden [S, T, H] policy final hidden states (fp32/bf16/fp16), weight [V, H], labels [S, T] int
@@ -227,6 +222,8 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     transform scores the reference model's states.
     Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
+    backward_mode: "auto" | "single_pass" (the gradient formed in the forward: 6 N H V FLOPs instead
+    of 8) | "recompute"; when auto takes which, and the accumulators' memory: mio_kernels/single_pass.py.
     """
     cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
@@ -237,6 +234,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                              ref_bias, check_values)
     backend = resolve_backend(backend, hidden.device)
     labels = labels.long()
+    backward_mode = resolve_backward_mode(backward_mode, backend, cfg, hidden, weight, labels, bias, cu_seqlens)
 
     if backend == "reference":
         out = reference_preference_loss(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
@@ -249,11 +247,14 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     if ref_hidden is not None:
         ref_logps = _kernel_reference_sums(backend, ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, cfg,
                                            check_values).to(result_dtype(hidden))
-    loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
-        hidden, weight, labels, bias, cu_seqlens, None if ref_logps is None else ref_logps.detach(), cfg, backend,
-        check_values)
-    return MIOLossOutput(loss, policy_logps, None if ref_logps is None else ref_logps.detach(), metrics_dict(metrics),
-                         policy_sums)
+    ref_logps = None if ref_logps is None else ref_logps.detach()
+    if backward_mode == "single_pass":
+        loss, policy_logps, metrics, policy_sums = SinglePassPreferenceLossFunction.apply(
+            hidden, weight, labels, bias, ref_logps, cfg, check_values)
+    else:
+        loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
+            hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)
+    return MIOLossOutput(loss, policy_logps, ref_logps, metrics_dict(metrics), policy_sums)
 
 
 class FusedMIOLoss(nn.Module):
@@ -263,16 +264,17 @@ class FusedMIOLoss(nn.Module):
                  label_smoothing: float = 0.0, average_log_prob: bool = False, reference_free: bool = False,
                  sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
                  logit_scale: float = 1.0, final_logit_softcapping: Optional[float] = None, backend: str = "auto",
-                 check_values: bool = True):
+                 check_values: bool = True, backward_mode: str = "auto"):
         super().__init__()
+        check_backward_mode(backward_mode)
         self.options = dict(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                             label_smoothing=label_smoothing, average_log_prob=average_log_prob,
                             reference_free=reference_free, sft_weight=sft_weight, ignore_index=ignore_index,
                             temperature=temperature, logit_scale=logit_scale,
                             final_logit_softcapping=final_logit_softcapping, backend=backend,
-                            check_values=check_values)
+                            check_values=check_values, backward_mode=backward_mode)
         check_config(PreferenceConfig(**{k: v for k, v in self.options.items()
-                                         if k not in ("backend", "check_values")}))
+                                         if k not in ("backend", "check_values", "backward_mode")}))
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,

@@ -10,7 +10,8 @@ and returns a `PerPromptLoss`: the loss of each prompt [P] (built from different
 autograd can check the closed forms) and dloss/du for the chosen [P] and rejected [K, P] inputs.
 The fused op only needs these gradients: it never differentiates through this module.
 
-Adding a loss = one function + one `register_loss` line + one row in tests/test_losses.py.
+Adding a loss = one function + one `register_loss` line + one row in tests/test_losses.py (and its
+`coupling` checked by tests/test_single_pass.py).
 """
 from __future__ import annotations
 
@@ -38,14 +39,25 @@ class LossSpec:
     pairwise: bool             # defined on one (w, l) pair; K > 1 averages over the K pairs
     length_normalized: bool    # always uses per-token averaged log-probs (IPO)
     uses_label_smoothing: bool = False
+    # How dloss/du couples the sequences (what the single-pass backward can exploit):
+    #   "separable":  dloss/du_s depends on u_s alone, for any K;
+    #   "difference": K = 1: dloss/du_w = -dloss/du_l, a function of (u_w, u_l);
+    #                 K > 1: couples the 1 + K sequences of a prompt;
+    #   "coupled":    dloss/du of a prompt's 1 + K sequences depends on all of them (the safe default).
+    coupling: str = "coupled"
 
 
 LOSSES: Dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, fn: LossFn, *, pairwise: bool, length_normalized: bool = False,
+COUPLINGS = ("separable", "difference", "coupled")
+
+
+def register_loss(name: str, fn: LossFn, *, pairwise: bool, coupling: str = "coupled", length_normalized: bool = False,
                   uses_label_smoothing: bool = False) -> None:
-    LOSSES[name] = LossSpec(fn, pairwise, length_normalized, uses_label_smoothing)
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+    LOSSES[name] = LossSpec(fn, pairwise, length_normalized, uses_label_smoothing, coupling)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -142,15 +154,16 @@ def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float)
     return PairLoss((1.0 - sw) + sl, -beta * sw * (1.0 - sw), beta * sl * (1.0 - sl))
 
 
-register_loss("mio", mio_loss, pairwise=False)
+register_loss("mio", mio_loss, pairwise=False, coupling="separable")
 DEFAULT_LOSS = "mio"  # the JS bound of the MIO paper
-register_loss("dpo", dpo_loss, pairwise=False)
-register_loss("ipo", _average_over_pairs(ipo_pair), pairwise=True, length_normalized=True)
-register_loss("hinge", _average_over_pairs(hinge_pair), pairwise=True)
-register_loss("robust", _average_over_pairs(robust_pair), pairwise=True, uses_label_smoothing=True)
-register_loss("bco_pair", _average_over_pairs(bco_pair), pairwise=True)
-register_loss("sppo_hard", _average_over_pairs(sppo_hard_pair), pairwise=True)
-register_loss("apo_zero", _average_over_pairs(apo_zero_pair), pairwise=True)
+register_loss("dpo", dpo_loss, pairwise=False, coupling="difference")
+register_loss("ipo", _average_over_pairs(ipo_pair), pairwise=True, coupling="difference", length_normalized=True)
+register_loss("hinge", _average_over_pairs(hinge_pair), pairwise=True, coupling="difference")
+register_loss("robust", _average_over_pairs(robust_pair), pairwise=True, coupling="difference",
+              uses_label_smoothing=True)
+register_loss("bco_pair", _average_over_pairs(bco_pair), pairwise=True, coupling="separable")
+register_loss("sppo_hard", _average_over_pairs(sppo_hard_pair), pairwise=True, coupling="separable")
+register_loss("apo_zero", _average_over_pairs(apo_zero_pair), pairwise=True, coupling="separable")
 
 LN4 = 2.0 * math.log(2.0)  # mio at zero rewards, K = 1
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mio_kernels.losses import DEFAULT_LOSS, get_loss
-from mio_kernels.sequence import SequenceLogps
+from mio_kernels.sequence import SequenceLogps, reduce_sequences
 from mio_kernels.transform import LogitTransform
 
 
@@ -105,3 +105,35 @@ def preference_objective(policy: SequenceLogps, ref_logps: Optional[Tensor], cfg
 
 def metrics_dict(metrics: Tensor) -> Dict[str, Tensor]:
     return dict(zip(METRIC_NAMES, metrics.unbind()))
+
+
+class CoefficientGroups(NamedTuple):
+    """Which sequences' dL/dlogp_t (`Objective.seq_token_grad`) are known together: the schedule
+    of the single-pass backward (mio_kernels/backends/single_pass.py)."""
+
+    members: Tensor                # [num_groups, G] int64 rows; a row's coefficient depends on its group's logps only
+    shared_factor: Optional[Tensor]  # [S] p_s when one accumulator serves a whole group, else None
+    accumulator_slots: int         # fp32 [V, H] accumulators the single pass holds at once
+
+
+def coefficient_groups(cfg: PreferenceConfig, labels: Tensor) -> CoefficientGroups:
+    """Group the S = P * (1 + K) rows by how their coefficients c_s couple (LossSpec.coupling).
+
+    separable loss:                   each row alone, one accumulator;
+    difference loss, K = 1, no SFT:   (chosen p, rejected p): c_s = p_s * g_p with the known
+                                      p_s = +-scale_s, so one accumulator of sum_s p_s A_s suffices;
+    otherwise:                        a prompt's 1 + K rows, one accumulator each.
+    The SFT coefficient and the length normalisation depend on the labels only (known up front).
+    """
+    spec = get_loss(cfg.loss_type)
+    k, num_rows = cfg.num_negatives, labels.shape[0]
+    prompts = num_rows // (1 + k)
+    rows = torch.arange(num_rows)
+    if spec.coupling == "separable":
+        return CoefficientGroups(rows[:, None], None, 1)
+    members = rows.view(1 + k, prompts).T.contiguous()   # [P, 1 + K]: chosen, then its rejected
+    if spec.coupling == "difference" and k == 1 and cfg.sft_weight == 0:
+        scale = reduce_sequences(torch.zeros(labels.shape), labels.cpu(), cfg.ignore_index, cfg.length_normalized).scale
+        sign = torch.where(rows < prompts, 1.0, -1.0).to(scale.dtype)
+        return CoefficientGroups(members, sign * scale, 1)
+    return CoefficientGroups(members, None, 1 + k)

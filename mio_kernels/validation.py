@@ -166,6 +166,14 @@ def check_reference(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, ref_l
                              f"got {tuple(ref_weight.shape)}")
 
 
+def check_first_order_only() -> None:
+    """Called in the kernels' autograd backwards: autograd enables grad mode there only for
+    create_graph=True, which these closed-form gradients cannot honour."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("second derivatives of the fused kernels are not supported (backward with "
+                           "create_graph=True); use backend='reference' if you need them")
+
+
 def check_finite_result(seq_logps: Tensor, **inputs: Optional[Tensor]) -> None:
     """Non-finite log-probs are traced back to the input that caused them (one host sync)."""
     if bool(torch.isfinite(seq_logps).all()):

@@ -1,0 +1,130 @@
+"""`backward_mode` of fused_mio_loss: where the LM-head gradient is formed.
+
+"recompute"   the forward keeps O(N) softmax statistics; the backward recomputes every logits
+              chunk: 8 N H V FLOPs (forward GEMM, recompute GEMM, dH and dW GEMMs).
+"single_pass" the gradient is formed in the forward while each chunk's logits are in memory
+              (mio_kernels/backends/single_pass.py); the backward only scales the saved dH, dW,
+              db by the incoming scalar gradient: 6 N H V FLOPs, hidden and weight read once.
+              Native backend only (the Triton kernels stream the vocabulary with an online
+              logsumexp, so no pass holds a row's dZ). Needs fp32 [V, H] accumulators:
+                  bytes = slots * (V * H [weight grad] + V [bias grad]) * 4   (8 for fp64)
+              counted against the native chunk budget (`chunk_budget_bytes`), beside at least
+              min(64, S * T) logits rows of V * 4 bytes. slots (`coefficient_groups`):
+                  1       separable losses (mio, bco_pair, sppo_hard, apo_zero), any K, any SFT weight
+                  1       difference losses (dpo, ipo, hinge, robust) at K = 1 without SFT term
+                  1 + K   otherwise (dpo / ipo / hinge / robust with K > 1 or sft_weight > 0)
+              and 0 when the weight and bias need no gradient (only dH: 4 N H V FLOPs).
+"auto"        single_pass when a gradient is needed, the backend is native and the accumulators
+              fit the budget; else recompute.
+Forward-only calls (no input requires grad, or under torch.no_grad) never do gradient work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mio_kernels.backends.single_pass import accumulator_bytes, chunk_rows, single_pass
+from mio_kernels.objective import CoefficientGroups, PreferenceConfig, coefficient_groups, preference_objective
+from mio_kernels.sequence import reduce_sequences, result_dtype
+from mio_kernels.validation import check_finite_result, check_first_order_only
+
+BACKWARD_MODES = ("auto", "single_pass", "recompute")
+SINGLE_PASS_BACKENDS = ("native",)
+
+
+def check_backward_mode(backward_mode) -> None:
+    if backward_mode not in BACKWARD_MODES:
+        raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {backward_mode!r}")
+
+
+def _budget_bytes(device: torch.device) -> int:
+    from mio_kernels.backends.native_backend import chunk_budget_bytes
+    return chunk_budget_bytes(device)
+
+
+def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, labels: Tensor,
+                        bias: Optional[Tensor]) -> Optional[str]:
+    """None when the native single pass fits the chunk budget for this call, else why not."""
+    groups = coefficient_groups(cfg, labels)
+    needs_weight, needs_bias = weight.requires_grad, bias is not None and bias.requires_grad
+    acc = accumulator_bytes(groups.accumulator_slots, weight.shape[0], weight.shape[1], hidden.dtype,
+                            needs_weight, needs_bias)
+    budget = _budget_bytes(hidden.device)
+    if chunk_rows(budget, acc, weight.shape[0], hidden.dtype, labels.numel()) is None:
+        return (f"its {groups.accumulator_slots} accumulator(s) of [V={weight.shape[0]}, H={weight.shape[1]}] take "
+                f"{acc} bytes, which with the logits rows exceeds the chunk budget of {budget} bytes "
+                "(raise MIO_KERNELS_NATIVE_CHUNK_MB or use backward_mode='recompute')")
+    return None
+
+
+def _unsupported_option(cfg: PreferenceConfig, cu_seqlens: Optional[Tensor]) -> Optional[str]:
+    if cu_seqlens is not None:
+        return "packed sequences (cu_seqlens) take the two-pass backward for now"
+    if not cfg.transform.identity:
+        return "its epilogue applies no logit transform (temperature, logit_scale, final_logit_softcapping) yet"
+    return None
+
+
+def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfig, hidden: Tensor, weight: Tensor,
+                          labels: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor] = None) -> str:
+    """-> "single_pass" or "recompute" for this call (see the module docstring)."""
+    check_backward_mode(backward_mode)
+    if backward_mode == "recompute":
+        return "recompute"
+    if backward_mode == "single_pass" and backend not in SINGLE_PASS_BACKENDS:
+        raise ValueError(f"backward_mode='single_pass' cannot run: backend={backend!r} has no single-pass backward "
+                         f"(only {SINGLE_PASS_BACKENDS}: the Triton kernels stream the vocabulary with an online "
+                         "logsumexp, so no pass holds a row's dZ); use backward_mode='auto' or 'recompute'")
+    unsupported = _unsupported_option(cfg, cu_seqlens)
+    if unsupported is not None:
+        if backward_mode == "single_pass":
+            raise ValueError(f"backward_mode='single_pass' cannot run: {unsupported}; use backward_mode='auto'")
+        return "recompute"
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad or backend not in SINGLE_PASS_BACKENDS:
+        return "recompute"   # forward only: no gradient work in either mode
+    reason = single_pass_blocker(cfg, hidden, weight, labels, bias)
+    if reason is None:
+        return "single_pass"
+    if backward_mode == "single_pass":
+        raise ValueError(f"backward_mode='single_pass' cannot run: {reason}")
+    return "recompute"
+
+
+class SinglePassPreferenceLossFunction(torch.autograd.Function):
+    """(hidden, weight, labels, bias, ref_logps, cfg, check_values) -> (loss, policy_logps, metrics,
+    policy_sums); the gradient is formed in forward, backward scales it by grad_loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, ref_logps, cfg: PreferenceConfig, check_values: bool):
+        def coefficients(token_logps: Tensor) -> Tensor:
+            partial = reduce_sequences(token_logps.view(labels.shape), labels, cfg.ignore_index, cfg.length_normalized)
+            return preference_objective(partial, ref_logps, cfg).seq_token_grad
+
+        groups: CoefficientGroups = coefficient_groups(cfg, labels)
+        result = single_pass(hidden, weight, labels, bias, cfg.ignore_index, groups.members, groups.shared_factor,
+                             groups.accumulator_slots, coefficients, ctx.needs_input_grad[0],
+                             ctx.needs_input_grad[1], ctx.needs_input_grad[3], _budget_bytes(hidden.device))
+        policy = reduce_sequences(result.token_logps.view(labels.shape), labels, cfg.ignore_index,
+                                  cfg.length_normalized)
+        if check_values:
+            check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
+        objective = preference_objective(policy, ref_logps, cfg)
+        ctx.save_for_backward(result.d_hidden, result.d_weight, result.d_bias)
+        out_dtype = result_dtype(hidden)
+        policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
+        policy_sums = policy.token_sums.to(out_dtype)
+        ctx.mark_non_differentiable(policy_logps, metrics, policy_sums)
+        return objective.loss.to(out_dtype), policy_logps, metrics, policy_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logps, _grad_metrics, _grad_sums):
+        check_first_order_only()
+
+        def scaled(grad: Optional[Tensor]) -> Optional[Tensor]:
+            return None if grad is None else grad * grad_loss.to(grad.dtype)
+
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        return scaled(d_hidden), scaled(d_weight), None, scaled(d_bias), None, None, None

@@ -1,0 +1,317 @@
+"""backward_mode: the single-pass gradient (native backend) against recompute and the float64 reference,
+the loss coupling flags it relies on, how `auto` chooses, and the CUDA epilogue compiling with plain nvcc.
+
+Relative error bounds against the float64 reference as in test_fused.py: 1e-5 in fp32, 2e-2 in bf16.
+"""
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import mio_kernels.backends.single_pass as walk
+from mio_kernels import FusedMIOLoss, fused_mio_loss
+from mio_kernels.backends import available_kernel_backends
+from mio_kernels.backends.native_backend import set_chunk_budget_bytes
+from mio_kernels.losses import LOSSES
+from mio_kernels.objective import PreferenceConfig, coefficient_groups, preference_objective
+from mio_kernels.reference import reference_preference_loss
+from mio_kernels.sequence import reduce_sequences
+from mio_kernels.single_pass import resolve_backward_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE = -100
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+needs_native = pytest.mark.skipif("native" not in available_kernel_backends(torch.device("cpu")),
+                                  reason="native extension not built")
+
+
+@pytest.fixture(autouse=True)
+def _default_budget():
+    yield
+    set_chunk_budget_bytes(None)
+
+
+# ---------------------------------------------------------------- the coupling flags, numerically
+
+
+def _coefficients(loss_type, k, logps):
+    cfg = PreferenceConfig(loss_type=loss_type, num_negatives=k, reference_free=True, beta=0.7)
+    labels = torch.zeros(logps.shape[0], 1, dtype=torch.long)
+    policy = reduce_sequences(logps[:, None], labels, IGNORE, False)
+    return preference_objective(policy, None, cfg).seq_token_grad
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+@pytest.mark.parametrize("k", [1, 2])
+def test_coupling_flag_matches_the_gradient(loss_type, k):
+    """Perturbing one sequence's logp moves exactly the coefficients the flag says it may move."""
+    prompts = 3
+    logps = -torch.rand((1 + k) * prompts, dtype=torch.float64) * 4
+    base = _coefficients(loss_type, k, logps)
+    coupling = LOSSES[loss_type].coupling
+    moved_others = False
+    for s, bump in ((s, bump) for s in range(logps.shape[0]) for bump in (0.37, 25.0, -25.0)):  # big: hinge flips
+        bumped = logps.clone()
+        bumped[s] += bump
+        changed = (_coefficients(loss_type, k, bumped) - base).abs() > 1e-12
+        same_prompt = torch.arange(logps.shape[0]) % prompts == s % prompts
+        if coupling == "separable":
+            allowed = torch.arange(logps.shape[0]) == s
+        else:
+            allowed = same_prompt
+        assert not (changed & ~allowed).any(), f"{loss_type}: bumping row {s} moved rows {changed.nonzero().flatten()}"
+        moved_others |= bool((changed & (torch.arange(logps.shape[0]) != s)).any())
+    if coupling != "separable":
+        assert moved_others, f"{loss_type} is flagged {coupling!r} but behaves separably: flag it 'separable'"
+    if coupling == "difference" and k == 1:
+        chosen, rejected = base.view(2, prompts)
+        assert torch.allclose(chosen, -rejected, rtol=0, atol=1e-15), f"{loss_type}: c_w != -c_l"
+
+
+def test_coefficient_groups_slots():
+    labels = torch.zeros(6, 3, dtype=torch.long)
+    assert coefficient_groups(PreferenceConfig("mio", num_negatives=2), labels).accumulator_slots == 1
+    assert coefficient_groups(PreferenceConfig("dpo", num_negatives=2), labels).accumulator_slots == 3
+    labels2 = torch.zeros(4, 3, dtype=torch.long)
+    assert coefficient_groups(PreferenceConfig("hinge"), labels2).accumulator_slots == 1
+    assert coefficient_groups(PreferenceConfig("hinge", sft_weight=0.1), labels2).accumulator_slots == 2
+    assert coefficient_groups(PreferenceConfig("bco_pair", sft_weight=0.1), labels2).accumulator_slots == 1
+
+
+# ---------------------------------------------------------------- exactness
+
+
+def make_inputs(k, dtype, *, prompts=2, t=9, h=32, v=1009, bias=True, mask_rows=(), prompt_len=None):
+    s = prompts * (1 + k)
+    hidden = torch.randn(s, t, h, dtype=torch.float64)
+    weight = torch.randn(v, h, dtype=torch.float64) / math.sqrt(h)
+    labels = torch.randint(0, v, (s, t))
+    prompt_len = torch.randint(0, max(t - 1, 1), (s,)) if prompt_len is None else torch.tensor(prompt_len)
+    labels[torch.arange(t)[None, :] < prompt_len[:, None]] = IGNORE
+    for row in mask_rows:
+        labels[row] = IGNORE
+    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), labels=labels,
+                bias=torch.randn(v, dtype=torch.float64).to(dtype) if bias else None,
+                ref_logps=-torch.rand(s) * t * 5)
+
+
+def run(inputs, grad_scale=2.5, **options):
+    """-> [loss, policy_logps, d_hidden, d_weight(, d_bias)] in float64, after (grad_scale * loss).backward()."""
+    leaves = {k: (v.detach().clone().requires_grad_() if k in ("hidden", "weight", "bias") and v is not None else v)
+              for k, v in inputs.items()}
+    if options.get("backend") == "reference":
+        leaves = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in leaves.items()}
+        leaves = {k: (v.detach().requires_grad_() if k in ("hidden", "weight", "bias") and v is not None else v)
+                  for k, v in leaves.items()}
+        options = {k: v for k, v in options.items() if k not in ("backend", "backward_mode")}
+        out = reference_preference_loss(**leaves, **options)
+    else:
+        out = fused_mio_loss(**leaves, **options)
+    (grad_scale * out.loss).backward()
+    grads = [leaves[k].grad for k in ("hidden", "weight", "bias") if leaves[k] is not None]
+    return [out.loss.detach(), out.policy_logps] + grads, out
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-6)).item()
+
+
+CASES = [  # (k, options, mask_rows, rows per chunk)
+    (1, {}, (), None),
+    (1, dict(average_log_prob=True, sft_weight=0.3), (1,), 4),
+    (2, {}, (), 23),
+    (2, dict(sft_weight=0.5), (0, 4), 4),
+    (2, dict(average_log_prob=True, reference_free=True), (), 5),
+]
+
+
+@needs_native
+# every case in fp32; two in bf16 (the walk is dtype-independent; keeps CI fast)
+@pytest.mark.parametrize("case,dtype", [(c, torch.float32) for c in range(len(CASES))]
+                         + [(1, torch.bfloat16), (3, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_single_pass_matches_recompute_and_reference(loss_type, case, dtype, monkeypatch):
+    k, options, mask_rows, rows = CASES[case]
+    if rows is not None:  # chunks that split sequences and chunks that hold several
+        monkeypatch.setattr(walk, "chunk_rows", lambda *args: rows)
+    inputs = make_inputs(k, dtype, mask_rows=mask_rows)
+    if options.get("reference_free"):
+        inputs.pop("ref_logps")
+    options = dict(options, loss_type=loss_type, num_negatives=k, beta=0.3)
+    if loss_type == "robust":
+        options["label_smoothing"] = 0.1
+    single, out = run(inputs, backend="native", backward_mode="single_pass", **options)
+    assert "SinglePass" in type(out.loss.grad_fn).__name__
+    recompute, _ = run(inputs, backend="native", backward_mode="recompute", **options)
+    oracle, _ = run(inputs, backend="reference", **options)
+    names = ["loss", "policy_logps", "d_hidden", "d_weight", "d_bias"]
+    for name, a, b, r in zip(names, single, recompute, oracle):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        floor = 1e-2 if name == "loss" else 1e-6
+        err = ((a.double() - r).norm() / r.norm().clamp_min(floor)).item()
+        assert err <= TOL[dtype], f"{name}: single pass vs float64 reference {err:.3g}"
+        if dtype == torch.float32:
+            assert rel(a, b) <= 2e-6, f"{name}: single pass vs recompute {rel(a, b):.3g}"
+
+
+@needs_native
+def test_chunk_whose_rows_span_first_to_last_without_being_consecutive(monkeypatch):
+    # Walk order (prompt by prompt) visits rows 5..8, 19..26, 39..44, 14..17, 27: 23 rows from 5 to 27
+    # that are not the run 5..27.
+    monkeypatch.setattr(walk, "chunk_rows", lambda *args: 23)
+    inputs = make_inputs(2, torch.float32, prompt_len=[5, 5, 1, 0, 3, 1])
+    single, _ = run(inputs, backend="native", backward_mode="single_pass", loss_type="ipo", num_negatives=2)
+    oracle, _ = run(inputs, backend="reference", loss_type="ipo", num_negatives=2)
+    for a, r in zip(single, oracle):
+        assert rel(a, r) <= 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("loss_type", ["mio", "dpo"])
+def test_t1_no_bias_fully_masked_and_frozen_weight(loss_type):
+    inputs = make_inputs(1, torch.float32, t=1, bias=False, mask_rows=(2,))
+    single, _ = run(inputs, backend="native", backward_mode="single_pass", loss_type=loss_type)
+    oracle, _ = run(inputs, backend="reference", loss_type=loss_type)
+    for a, r in zip(single, oracle):
+        assert rel(a, r) <= 1e-5
+    # weight frozen: dH only, no accumulators, so even a budget of a few logits rows fits
+    inputs = make_inputs(2, torch.float32, v=1000)
+    hidden = inputs["hidden"].clone().requires_grad_()
+    set_chunk_budget_bytes(70 * 1000 * 4)
+    out = fused_mio_loss(hidden, inputs["weight"], inputs["labels"], bias=inputs["bias"], ref_logps=inputs["ref_logps"],
+                         loss_type=loss_type, num_negatives=2, backend="native", backward_mode="single_pass")
+    out.loss.backward()
+    set_chunk_budget_bytes(None)
+    ref_hidden = inputs["hidden"].double().requires_grad_()
+    ref = reference_preference_loss(ref_hidden, inputs["weight"].double(), inputs["labels"],
+                                    bias=inputs["bias"].double(), ref_logps=inputs["ref_logps"],
+                                    loss_type=loss_type, num_negatives=2)
+    ref.loss.backward()
+    assert rel(hidden.grad, ref_hidden.grad) <= 1e-5
+
+
+@needs_native
+def test_reference_model_states_and_module():
+    inputs = make_inputs(1, torch.float32)
+    inputs.pop("ref_logps")
+    inputs.update(ref_hidden=torch.randn(4, 9, 16), ref_weight=torch.randn(1009, 16) / 4)
+    single, _ = run(inputs, backend="native", backward_mode="single_pass", loss_type="ipo")
+    recompute, _ = run(inputs, backend="native", backward_mode="recompute", loss_type="ipo")
+    for a, b in zip(single, recompute):
+        assert rel(a, b) <= 2e-6
+    module = FusedMIOLoss(loss_type="ipo", backend="native", backward_mode="single_pass")
+    assert "backward_mode='single_pass'" in repr(module)
+
+
+@needs_native
+@pytest.mark.parametrize("loss_type,k", [("mio", 1), ("dpo", 2)])
+def test_budget_bounds_every_temporary(loss_type, k):
+    """Accumulators + logits chunk stay within the budget; nothing of N x V elements is allocated."""
+    from test_memory import LargestTensor
+
+    inputs = make_inputs(k, torch.float32, t=40, v=1009, bias=True)
+    n, v, h = inputs["labels"].numel(), 1009, 32
+    slots = coefficient_groups(PreferenceConfig(loss_type, num_negatives=k), inputs["labels"]).accumulator_slots
+    budget = slots * (v * h + v) * 4 + 64 * v * 4
+    set_chunk_budget_bytes(budget)
+    leaves = {key: (val.requires_grad_() if key in ("hidden", "weight", "bias") else val) for key, val in inputs.items()}
+    with LargestTensor() as probe:
+        out = fused_mio_loss(**leaves, loss_type=loss_type, num_negatives=k, backend="native",
+                             backward_mode="single_pass")
+        out.loss.backward()
+    assert probe.nbytes <= max(budget, v * h * 4, n * h * 4) < n * v * 4, probe.nbytes
+
+
+# ---------------------------------------------------------------- choosing the mode
+
+
+def _resolve(mode, backend="native", requires_grad=True, loss_type="mio", k=1, v=1009, h=32, bias=False):
+    inputs = make_inputs(k, torch.float32, v=v, h=h, bias=bias)
+    weight = inputs["weight"].requires_grad_(requires_grad)
+    cfg = PreferenceConfig(loss_type=loss_type, num_negatives=k)
+    return resolve_backward_mode(mode, backend, cfg, inputs["hidden"], weight, inputs["labels"], inputs["bias"])
+
+
+@needs_native
+def test_auto_picks_single_pass_when_it_fits_else_recompute():
+    assert _resolve("auto") == "single_pass"
+    assert _resolve("auto", requires_grad=False) == "recompute"       # forward only
+    with torch.no_grad():
+        assert _resolve("auto") == "recompute"
+    assert _resolve("auto", backend="triton") == "recompute"
+    assert _resolve("recompute") == "recompute"
+    # accumulators: 1 slot * V * H * 4 bytes (+ V * 4 for the bias), beside min(64, S*T) logits rows of V * 4
+    one_slot = 1009 * 32 * 4
+    set_chunk_budget_bytes(one_slot + 36 * 1009 * 4)           # S*T = 36 rows fit beside one slot
+    assert _resolve("auto") == "single_pass"
+    assert _resolve("auto", loss_type="dpo", k=2) == "recompute"  # 3 slots do not fit
+    set_chunk_budget_bytes(one_slot + 35 * 1009 * 4)
+    assert _resolve("auto") == "recompute"
+    with pytest.raises(ValueError, match="chunk budget"):
+        _resolve("single_pass")
+
+
+@needs_native
+def test_forward_only_does_no_gradient_work(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("gradient walk ran without a gradient to compute")
+
+    monkeypatch.setattr(walk, "_Walk", fail)
+    inputs = make_inputs(1, torch.float32)
+    with torch.no_grad():
+        out = fused_mio_loss(**inputs, backend="native", backward_mode="single_pass")
+    assert out.loss.grad_fn is None and torch.isfinite(out.loss)
+    fused_mio_loss(**inputs, backend="native", backward_mode="auto")  # no input requires grad
+
+
+def test_bad_backward_mode_and_unsupported_backend():
+    inputs = make_inputs(1, torch.float32)
+    with pytest.raises(ValueError, match="backward_mode must be one of"):
+        fused_mio_loss(**inputs, backend="reference", backward_mode="two_pass")
+    with pytest.raises(ValueError, match="backward_mode must be one of"):
+        FusedMIOLoss(backward_mode="fast")
+    with pytest.raises(ValueError, match="backend='triton' has no single-pass backward"):
+        _resolve("single_pass", backend="triton")
+    with pytest.raises(ValueError, match="backend='reference' has no single-pass backward"):
+        fused_mio_loss(**inputs, backend="reference", backward_mode="single_pass")
+
+
+@needs_native
+def test_packed_and_transformed_calls_take_the_two_pass_path():
+    """Not yet in the single pass: packed sequences and logit transforms. auto falls back (and the
+    result is exact); an explicit single_pass says why."""
+    inputs = {k: (v.detach().clone().requires_grad_() if k in ("hidden", "weight") else v)
+              for k, v in make_inputs(1, torch.float32).items()}
+    s, t = inputs["labels"].shape
+    packed = dict(inputs, hidden=inputs["hidden"].reshape(s * t, -1), labels=inputs["labels"].reshape(-1),
+                  cu_seqlens=torch.arange(0, s * t + 1, t))
+    for call, why in [(packed, "packed sequences"), (dict(inputs, temperature=0.7), "logit transform")]:
+        with pytest.raises(ValueError, match=why):
+            fused_mio_loss(**call, backend="native", backward_mode="single_pass")
+        auto = fused_mio_loss(**call, backend="native", backward_mode="auto")
+        recompute = fused_mio_loss(**call, backend="native", backward_mode="recompute")
+        assert torch.equal(auto.loss, recompute.loss)
+
+
+# ---------------------------------------------------------------- CUDA epilogue: compile-only here
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_grad_epilogue_compiles_with_plain_nvcc(arch, tmp_path):
+    listed = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    if f"compute_{arch[3:]}" not in listed:
+        pytest.skip(f"this nvcc does not support {arch}")
+    src = ROOT / "csrc" / "cuda" / "grad_epilogue.cu"
+    out = subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(src),
+                          "-o", str(tmp_path / "grad_epilogue.o")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = out.stdout + out.stderr
+    spills = [line for line in report.splitlines() if "spill stores" in line]
+    assert spills and all(" 0 bytes spill stores" in line for line in spills), report
