@@ -60,8 +60,7 @@ def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int
         finished = torch.zeros(len(chunk), dtype=torch.bool, device=d.device)
         generated = []
         for _ in range(max_new_tokens):
-            out = model(ids, mask, task=HeadTasks.next_logits, position_ids=positions, past_key_values=cache)
-            cache = out["past_key_values"]
+            out = model(ids, mask, task=HeadTasks.next_logits, position_ids=positions, cache=cache)  # cache: in place
             nxt = out["logits"].argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             generated.append(nxt)
