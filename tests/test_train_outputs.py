@@ -58,3 +58,74 @@ def test_greedy_generate_matches_uncached_decoding():
                 want.append(nxt)
                 ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
         assert gen == want
+
+
+# ----------------------------------------------------------------------------- progress
+
+PHASE_SUMMARIES = ("SFT warm-up: 3 steps in", "reference log-probs: ", "eval before: log-probs: 6 prompts in",
+                   "eval before: greedy generation: ", "preference training: 2 steps in",
+                   "eval after: log-probs: 6 prompts in", "eval after: greedy generation: ")
+
+
+@pytest.mark.parametrize("shown", [True, False], ids=["progress", "no-progress"])
+def test_non_tty_output_is_plain_lines(tmp_path, capsys, monkeypatch, shown):
+    """stdout not a terminal: no carriage return, one summary line per phase, and (unless
+    --no-progress) periodic plain progress lines with an ETA (every update here: interval 0)."""
+    from mio_kernels.train import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+    flags = ["--sft-steps", "3"] + ([] if shown else ["--no-progress"])
+    assert main(["--output-dir", str(tmp_path), *SHORT, *flags]) == 0
+    out = capsys.readouterr()
+    assert "\r" not in out.out + out.err
+    lines = out.out.splitlines()
+    periodic = [line for line in lines if "ETA" in line]
+    for summary in PHASE_SUMMARIES:
+        assert sum(line.startswith(f"[mio-train] {summary}") for line in lines if line not in periodic) == 1, summary
+    if shown:
+        assert "[mio-train] SFT warm-up: 1/3 steps (33%)" in "\n".join(periodic)
+    else:
+        assert not periodic
+
+
+def run_in_terminal(args, cwd) -> str:
+    """Output of `args` run with a pseudo-terminal (120 columns) as stdin, stdout and stderr."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_no_progress_draws_no_bar_on_a_terminal(tmp_path):
+    """On a terminal the phases (and transformers' save) draw bars, redrawn with '\\r';
+    --no-progress draws none: only whole lines ('\\r\\n' is the terminal's line end)."""
+    import re
+    import sys
+
+    cmd = [sys.executable, "-m", "mio_kernels.train", "--output-dir", str(tmp_path), *SHORT]
+    bars = run_in_terminal(cmd + ["--name", "bars"], tmp_path)
+    quiet = run_in_terminal(cmd + ["--name", "quiet", "--no-progress"], tmp_path)
+    redraw = re.compile(r"\r(?!\n)")
+    assert redraw.search(bars) and "preference training:" in bars
+    assert not redraw.search(quiet), quiet
+    assert "[mio-train] preference training: 2 steps in" in quiet
