@@ -129,3 +129,36 @@ def test_no_progress_draws_no_bar_on_a_terminal(tmp_path):
     assert redraw.search(bars) and "preference training:" in bars
     assert not redraw.search(quiet), quiet
     assert "[mio-train] preference training: 2 steps in" in quiet
+
+
+# ----------------------------------------------------------------------------- rewards.png
+
+def test_plot_has_four_labelled_panels(tmp_path, monkeypatch):
+    """rewards.png: titled, four panels (loss; rewards; accuracy; log-probs), each with a title,
+    axis labels, integer step ticks and a legend; the held-out evaluation is drawn."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from mio_kernels.train import plot
+
+    rows = [{"phase": "sft", "step": s, "global_step": s, "loss": 5.0 / s} for s in range(1, 6)]
+    rows += [{"phase": "pref", "step": s, "global_step": 5 + s, "loss": 1.3, "rewards/chosen": 0.1 * s,
+              "rewards/rejected": -0.1 * s, "rewards/margins": 0.2 * s, "rewards/accuracies": 0.5,
+              "logps/chosen": -3.0, "logps/rejected": -9.0} for s in range(1, 4)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = {"before": {k: 0.0 for k in rows[-1] if "/" in k}, "after": {k: v for k, v in rows[-1].items() if "/" in k}}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    out = plot.plot_metrics(metrics, tmp_path / "rewards.png", "run 'x': mio, β = 0.5, K = 3", evals, 3, "mio")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = figures[0]
+    assert fig._suptitle.get_text().startswith("run 'x'")
+    assert len(fig.axes) == 4
+    for ax in fig.axes:
+        assert ax.get_title(loc="left") and ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert sum(len(ax.collections) for ax in fig.axes) >= 3  # held-out eval markers
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    assert plot.plot_metrics(metrics, tmp_path / "none.png") is None  # no preference step yet

@@ -400,10 +400,21 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             if self.cfg.plot and self.metrics.path.exists():
                 from mio_kernels.train.plot import plot_metrics
-                png = plot_metrics(self.metrics.path, self.run_dir / "rewards.png")
+                evals = {"before": summary.get("eval_before"), "after": summary.get("eval_after")}
+                png = plot_metrics(self.metrics.path, self.run_dir / "rewards.png", self.plot_title(evals), evals,
+                                   self.k, self.cfg.loss_type)
                 if png:
                     self.log(f"plot: {png}")
         barrier(self.d)
+
+    def plot_title(self, evals: Dict[str, Optional[Dict[str, float]]]) -> str:
+        cfg = self.cfg
+        title = (f"run '{cfg.name}': {cfg.loss_type}, β = {cfg.resolved_beta():g}, K = {self.k} rejected per prompt, "
+                 f"lr {cfg.resolved_lr():g}, {cfg.steps} preference steps after {self.phases['sft'].steps} SFT steps")
+        if evals["before"] and evals["after"]:
+            title += (f"\nheld-out ({evals['after']['examples']} prompts) exact match "
+                      f"{evals['before']['exact_match']:.3f} → {evals['after']['exact_match']:.3f}")
+        return title
 
     def close(self) -> None:
         import torch.distributed as dist
