@@ -20,17 +20,62 @@ def keep_threads():
     torch.set_num_threads(n)
 
 
-def test_short_run_emits_no_deprecation_warning(tmp_path):
-    """A whole short job (SFT, reference, eval with greedy decoding, preference steps, save, plot)
-    raises no FutureWarning/DeprecationWarning: such a warning during a run comes from an API we
-    call in a deprecated way (transformers reports it at torch's Module.__call__, not at our line,
-    so every one is counted, whatever file it names)."""
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """(run directory, warnings caught) of one whole short job: SFT, reference, eval with greedy
+    decoding, preference steps, save, plot."""
+    out = tmp_path_factory.mktemp("short")
+    n = torch.get_num_threads()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["--output-dir", str(tmp_path), "--no-progress", *SHORT]) == 0
-    bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in caught
+        assert main(["--output-dir", str(out), "--no-progress", *SHORT]) == 0
+    torch.set_num_threads(n)
+    return out / "default", caught
+
+
+def test_short_run_emits_no_deprecation_warning(short_run):
+    """No FutureWarning/DeprecationWarning: such a warning during a run comes from an API we call
+    in a deprecated way (transformers reports it at torch's Module.__call__, not at our line, so
+    every one is counted, whatever file it names)."""
+    bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in short_run[1]
            if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not bad, "\n".join(bad)
+
+
+def test_generations_files(short_run):
+    """generations_{before,after}.jsonl: per held-out prompt, its prompt, the reference (chosen)
+    response and answer, the generation and its answer, correct; their mean is exact_match."""
+    import json
+
+    from mio_kernels.train.data import load_rows
+
+    run = short_run[0]
+    summary = json.loads((run / "summary.json").read_text())
+    rows, _ = load_rows("builtin:arithmetic", "test")
+    for when in ("before", "after"):
+        records = [json.loads(line) for line in (run / f"generations_{when}.jsonl").read_text().splitlines()]
+        assert len(records) == summary[f"eval_{when}"]["examples"] == 6
+        for rec, row in zip(records, rows):
+            assert set(rec) == {"prompt", "reference", "reference_answer", "generation", "answer", "correct"}
+            assert rec["prompt"] == row["prompt"] and rec["reference"] == row["chosen"]
+            assert isinstance(rec["correct"], bool) and isinstance(rec["generation"], str)
+            assert rec["correct"] == (rec["answer"] == rec["reference_answer"])
+        assert sum(r["correct"] for r in records) / len(records) == summary[f"eval_{when}"]["exact_match"]
+
+
+def test_generation_record_correct(tmp_path):
+    """A generation whose final answer is the reference's is correct, whatever precedes it."""
+    import json
+
+    from mio_kernels.train.data import Example, final_answer
+    from mio_kernels.train.evaluate import write_generations
+
+    chosen = "3 + 4 = 7. #### 7"
+    ex = Example([1, 2], [[3]], final_answer(chosen), prompt_text="What is 3 + 4?", chosen_text=chosen)
+    write_generations(tmp_path / "g.jsonl", [ex, ex], ["4 + 3 = 7 ####  7", "#### 8"])
+    recs = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [(r["answer"], r["correct"]) for r in recs] == [("7", True), ("8", False)]
+    assert recs[0]["prompt"] == "What is 3 + 4?" and recs[0]["reference_answer"] == "7"
 
 
 def test_greedy_generate_matches_uncached_decoding():

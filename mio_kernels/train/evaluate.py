@@ -131,12 +131,21 @@ def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], to
                                tick=ph.update)
         ph.summary = f"{len(examples)} prompts, at most {max_new_tokens} new tokens each"
     texts = tokenizer.batch_decode(gens, skip_special_tokens=True)
-    result["exact_match"] = sum(final_answer(t) == ex.answer for t, ex in zip(texts, examples)) / len(examples)
+    result["exact_match"] = sum(is_correct(t, ex) for t, ex in zip(texts, examples)) / len(examples)
     result["examples"] = len(examples)
     return result, texts
 
 
+def is_correct(generation: str, example: Example) -> bool:
+    """Exact match: the generation's final answer (data.final_answer) is the chosen response's."""
+    return final_answer(generation) == example.answer
+
+
 def write_generations(path: Path, examples: Sequence[Example], texts: Sequence[str]) -> None:
+    """One JSON line per held-out prompt: prompt, reference (the chosen response) and its final
+    answer, the greedy generation and its final answer, correct (exact match)."""
     with open(path, "w") as f:
         for ex, text in zip(examples, texts):
-            f.write(json.dumps({"answer": ex.answer, "generation": text}) + "\n")
+            record = {"prompt": ex.prompt_text, "reference": ex.chosen_text, "reference_answer": ex.answer,
+                      "generation": text, "answer": final_answer(text), "correct": is_correct(text, ex)}
+            f.write(json.dumps(record) + "\n")
