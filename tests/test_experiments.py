@@ -88,3 +88,20 @@ def test_chosen_rewards_quick(tmp_path):
             assert_finite(run[when]["rewards/chosen"], f"{name} {when} rewards/chosen")
         for key in ("chosen_reward_final", "chosen_reward_late_decline", "rejected_reward_final", "margin_final"):
             assert_finite(record["summary"][name][key], f"{name} {key}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mio_kernels.train") is None, reason="the trainer is not installed")
+def test_main_job_seeds_quick(tmp_path):
+    """The README table's script: runs, then mean ± std per loss and the machine it ran on."""
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "main_job_seeds.py"), "--quick", "--seeds", "0", "1",
+                           "--losses", "mio", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "main_job_seeds.json").read_text())
+    assert record["seeds"] == [0, 1] and [r["seed"] for r in record["runs"]] == [0, 1]
+    assert record["machine"]["cpu"] and record["machine"]["date"] and record["machine"]["threads_per_run"] == 1
+    for when in ("before", "after"):
+        for key in ("exact_match", "rewards/accuracies", "logps/chosen"):
+            stats = record["summary"]["mio"][when][key]
+            assert_finite(stats["mean"], key) and stats["std"] >= 0
+    table = (tmp_path / "main_job_seeds.md").read_text()
+    assert "mean ± std over 2 seeds" in table and "| mio |" in table

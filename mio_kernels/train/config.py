@@ -154,7 +154,9 @@ class TrainConfig:
     log_every: int = 1
     """Write metrics every N optimizer steps (the only host syncs of the loop)."""
     progress: bool = True
-    """Show a tqdm progress bar (rank 0)."""
+    """Show each phase's progress (rank 0): a bar with ETA on a terminal, a plain line every 30 s
+    otherwise. --no-progress shows neither, nor the bars of transformers/datasets; the one-line
+    summary of each phase is printed either way."""
     plot: bool = True
     """Write rewards.png (chosen/rejected rewards and log-probs over steps) at the end."""
     save_final: bool = True

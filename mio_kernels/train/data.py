@@ -49,6 +49,8 @@ class Example:
     responses: List[List[int]]
     answer: str          # the chosen response's final answer (exact-match target)
     truncated: bool = False
+    prompt_text: str = ""  # the row's prompt and chosen response as given (for generations_*.jsonl)
+    chosen_text: str = ""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -194,7 +196,7 @@ def tokenize_rows(rows: Sequence[dict], source: str, tokenizer, max_length: int,
     flat = tokenizer([t for rs in responses for t in rs], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     examples = []
-    for i, (prompt_ids, (_, chosen, _)) in enumerate(zip(prompts, parsed)):
+    for i, (prompt_ids, (prompt, chosen, _)) in enumerate(zip(prompts, parsed)):
         if not prompt_ids:
             raise DatasetRowError(source, i, "prompt", "tokenizes to nothing (the first response token "
                                   "would have no context)")
@@ -204,7 +206,7 @@ def tokenize_rows(rows: Sequence[dict], source: str, tokenizer, max_length: int,
         if truncated:
             prompt_ids = prompt_ids[-max_prompt_length:]
             resp = [r[:max_length - len(prompt_ids)] for r in resp]
-        examples.append(Example(prompt_ids, resp, final_answer(chosen), truncated))
+        examples.append(Example(prompt_ids, resp, final_answer(chosen), truncated, prompt, chosen))
     return examples, k
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from mio_kernels.sequence import SequenceLogps
 from mio_kernels.train.data import Example, collate, collate_prompts, final_answer
 from mio_kernels.train.model import HeadTasks
 from mio_kernels.train.parallelize import Dist, all_reduce_sum, reshard_all
+from mio_kernels.train.progress import Progress
+
+Tick = Optional[Callable[[int], None]]  # progress callback: tick(units just done)
 
 
 class ScoredResponses(NamedTuple):
@@ -28,8 +31,9 @@ class ScoredResponses(NamedTuple):
 
 @torch.no_grad()
 def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_size: int, pad_id: int,
-                   d: Dist) -> ScoredResponses:
-    """Sequence log-prob sums and token counts of every response (on CPU)."""
+                   d: Dist, tick: Tick = None) -> ScoredResponses:
+    """Sequence log-prob sums and token counts of every response (on CPU).
+    tick(prompts) after each round of chunks (all processes' prompts)."""
     n, width = len(examples), len(examples[0].responses)
     out = torch.zeros(2, n, width, dtype=torch.float32, device=d.device)
     starts = list(range(0, n, batch_size))
@@ -44,6 +48,9 @@ def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_s
         if real:
             for i, key in enumerate(("policy_logps", "token_counts")):
                 out[i, lo:lo + len(chunk)] = scored[key].float().view(width, len(chunk)).T
+        if tick is not None:
+            done = lambda rounds: starts[rounds * d.world_size] if rounds * d.world_size < len(starts) else n
+            tick(done(r + 1) - done(r))
     reshard_all(model)
     sums, counts = all_reduce_sum(out, d).cpu()
     return ScoredResponses(sums, counts)
@@ -51,9 +58,10 @@ def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_s
 
 @torch.no_grad()
 def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int, max_new_tokens: int,
-                    batch_size: int, d: Dist, config=None) -> List[List[int]]:
+                    batch_size: int, d: Dist, config=None, tick: Tick = None) -> List[List[int]]:
     """Greedy continuations (token ids, up to and excluding EOS) of each example's prompt,
-    with a KV cache; left-padded batches, positions counted from each prompt's first token."""
+    with a KV cache; left-padded batches, positions counted from each prompt's first token.
+    tick(1) per decoding step; a batch that stops early ticks its remaining steps."""
     from transformers import DynamicCache
 
     results: List[List[int]] = []
@@ -66,8 +74,9 @@ def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int
         finished = torch.zeros(len(chunk), dtype=torch.bool, device=d.device)
         generated = []
         for _ in range(max_new_tokens):
-            out = model(ids, mask, task=HeadTasks.next_logits, position_ids=positions, past_key_values=cache)
-            cache = out["past_key_values"]
+            if tick is not None:
+                tick(1)
+            out = model(ids, mask, task=HeadTasks.next_logits, position_ids=positions, cache=cache)  # cache: in place
             nxt = out["logits"].argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             generated.append(nxt)
@@ -77,6 +86,8 @@ def greedy_generate(model, examples: Sequence[Example], pad_id: int, eos_id: int
             ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
             positions = positions[:, -1:] + 1
+        if tick is not None:
+            tick(max_new_tokens - len(generated))
         gen = torch.stack(generated, 1).tolist()
         for row in gen:
             results.append(row[:row.index(eos_id)] if eos_id in row else row)
@@ -116,23 +127,39 @@ def preference_metrics(sums: Tensor, ref_sums: Optional[Tensor], cfg: Preference
 
 
 def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], tokenizer, tasks: HeadTasks,
-             batch_size: int, max_new_tokens: int, d: Dist, config=None) -> Tuple[Dict[str, float], List[str]]:
-    """(metrics, greedy continuations as text) on held-out examples.
+             batch_size: int, max_new_tokens: int, d: Dist, config=None, progress: Optional[Progress] = None,
+             when: str = "") -> Tuple[Dict[str, float], List[str]]:
+    """(metrics, greedy continuations as text) on held-out examples; `progress` shows its two
+    phases (scoring, generation) as "eval <when>: ...".
 
     exact_match: the text after the last '####' of the greedy continuation equals the chosen
     response's (whitespace ignored); see data.final_answer.
     """
-    pad = tokenizer.pad_token_id
-    scored = sequence_logps(model, examples, tasks, batch_size, pad, d)
+    pad, progress = tokenizer.pad_token_id, progress or Progress.silent()
+    with progress.phase(f"eval {when}: log-probs", len(examples), "prompt") as ph:
+        scored = sequence_logps(model, examples, tasks, batch_size, pad, d, tick=ph.update)
     result = preference_metrics(scored.sums, ref_logps, tasks.cfg, scored.counts)
-    gens = greedy_generate(model, examples, pad, tokenizer.eos_token_id, max_new_tokens, batch_size, d, config)
+    decode_steps = -(-len(examples) // batch_size) * max_new_tokens
+    with progress.phase(f"eval {when}: greedy generation", decode_steps, "decoding step") as ph:
+        gens = greedy_generate(model, examples, pad, tokenizer.eos_token_id, max_new_tokens, batch_size, d, config,
+                               tick=ph.update)
+        ph.summary = f"{len(examples)} prompts, at most {max_new_tokens} new tokens each"
     texts = tokenizer.batch_decode(gens, skip_special_tokens=True)
-    result["exact_match"] = sum(final_answer(t) == ex.answer for t, ex in zip(texts, examples)) / len(examples)
+    result["exact_match"] = sum(is_correct(t, ex) for t, ex in zip(texts, examples)) / len(examples)
     result["examples"] = len(examples)
     return result, texts
 
 
+def is_correct(generation: str, example: Example) -> bool:
+    """Exact match: the generation's final answer (data.final_answer) is the chosen response's."""
+    return final_answer(generation) == example.answer
+
+
 def write_generations(path: Path, examples: Sequence[Example], texts: Sequence[str]) -> None:
+    """One JSON line per held-out prompt: prompt, reference (the chosen response) and its final
+    answer, the greedy generation and its final answer, correct (exact match)."""
     with open(path, "w") as f:
         for ex, text in zip(examples, texts):
-            f.write(json.dumps({"answer": ex.answer, "generation": text}) + "\n")
+            record = {"prompt": ex.prompt_text, "reference": ex.chosen_text, "reference_answer": ex.answer,
+                      "generation": text, "answer": final_answer(text), "correct": is_correct(text, ex)}
+            f.write(json.dumps(record) + "\n")

@@ -10,6 +10,7 @@ per chunk of the kernel (parallelize.py).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from typing import Callable, Dict, Iterable, List, Optional
@@ -223,6 +224,13 @@ class LMHeadLoss(nn.Module):
         return task(hidden, weight, bias, **inputs)
 
 
+def cache_argument(backbone: nn.Module) -> str:
+    """The backbone's keyword for a KV cache: `cache` (transformers 5.x), else `past_key_values`
+    (older versions; 5.x still accepts it, with a FutureWarning)."""
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class PreferenceModel(nn.Module):
     """backbone (embeddings, blocks, final norm) + LMHeadLoss; the HF model is kept unregistered.
 
@@ -237,24 +245,22 @@ class PreferenceModel(nn.Module):
         self.head = LMHeadLoss(lm.get_output_embeddings())
         self.__dict__["lm"] = lm  # not a submodule: its parameters are the backbone's and the head's
         self.autocast_dtype = autocast_dtype
+        self.cache_arg = cache_argument(self.backbone)
 
     @property
     def tied(self) -> bool:
         return self.head.lm_head.weight is self.lm.get_input_embeddings().weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, task: HeadTask,
-                position_ids: Optional[Tensor] = None, past_key_values=None, **inputs) -> Dict[str, Tensor]:
+                position_ids: Optional[Tensor] = None, cache=None, **inputs) -> Dict[str, Tensor]:
+        """`cache`: a transformers Cache (greedy decoding), updated in place; None: no cache."""
         device_type = input_ids.device.type
-        use_cache = past_key_values is not None
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=past_key_values, use_cache=use_cache)
+                                use_cache=cache is not None, **({self.cache_arg: cache} if cache is not None else {}))
         hidden = out.last_hidden_state
         if self.autocast_dtype is not None:
             hidden = hidden.to(self.autocast_dtype)
         with torch.autocast(device_type, enabled=False):  # the fused op picks its own precisions
-            result = self.head(hidden, task, **inputs)
-        if use_cache:
-            result["past_key_values"] = out.past_key_values
-        return result
+            return self.head(hidden, task, **inputs)

@@ -31,14 +31,15 @@ def frozen_copy(lm: torch.nn.Module, d: Dist, bf16: bool) -> PreferenceModel:
 
 
 def score_table(model, examples: Sequence[Example], needed: Sequence[int], tasks: HeadTasks, batch_size: int,
-                pad_id: int, d: Dist) -> Tensor:
+                pad_id: int, d: Dist, tick=None) -> Tensor:
     """[N, 1 + K] fp32 reference log-prob sums of `examples`; rows not in `needed` stay NaN, so using
-    one by mistake shows as a NaN loss."""
+    one by mistake shows as a NaN loss. tick: progress callback (evaluate.sequence_logps)."""
     width = len(examples[0].responses) if examples else 1
     table = torch.full((len(examples), width), float("nan"))
     needed = sorted(set(needed))
     if needed:
-        table[needed] = sequence_logps(model, [examples[i] for i in needed], tasks, batch_size, pad_id, d).sums
+        table[needed] = sequence_logps(model, [examples[i] for i in needed], tasks, batch_size, pad_id, d,
+                                       tick).sums
     return table
 
 

@@ -36,11 +36,14 @@ from mio_kernels.train.metrics import MetricsLog
 from mio_kernels.train.model import HeadTasks, PreferenceModel, head_transform, load_model_and_tokenizer
 from mio_kernels.train.parallelize import (Dist, all_reduce_sum, barrier, full_state_dict, init_distributed,
                                            parallelize, reshard_all, set_head_kept_gathered)
+from mio_kernels.train.progress import Progress
 from mio_kernels.train.reference import batch_reference, frozen_copy, score_table
 from mio_kernels.train.run_dir import plan_run, run_identity
 from mio_kernels.train.state import TrainState
 
 SFT_METRICS = ("loss",)
+PHASE_TITLES = {"sft": "SFT warm-up", "pref": "preference training"}
+SHOWN_METRICS = ("loss", "rewards/margins", "rewards/accuracies")  # on the progress bar and summary line
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -106,6 +109,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.d = d = init_distributed(cfg.device)
+        self.progress = Progress(cfg.progress, d.is_main)  # before loading: it may silence library bars
         try:
             resolve_backend(cfg.backend, d.device)
         except (ValueError, RuntimeError) as err:
@@ -140,8 +144,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
-        if self.d.is_main:
-            print(f"[mio-train] {msg}", flush=True)
+        self.progress.log(msg)
 
     def global_step(self) -> int:
         return self.state.global_step(self.phases["sft"].steps)
@@ -223,21 +226,21 @@ class Trainer:
     def compute_reference(self) -> None:
         """Reference log-probs of the eval set, and (precompute) of every training prompt the
         preference phase visits, from the policy as it is now: after the SFT warm-up, it is the reference."""
-        cfg, st, t0 = self.cfg, self.state, time.perf_counter()
+        cfg, st = self.cfg, self.state
         bs = max(cfg.micro_batch_size, cfg.eval_batch_size)
         if cfg.reference == "online":
             st.ref_model = frozen_copy(self.lm, self.d, self.bf16)
         spec = self.phases["pref"]
-        needed = self.step_indices_range(spec, 0, spec.steps) if cfg.reference == "precompute" else []
-        # online/none: an all-NaN table, unused; it keeps checkpoints uniform
-        st.ref_train = score_table(self.model, self.train, needed, self.tasks, bs, self.pad_id, self.d)
-        st.progress["reference_steps"] = spec.steps
-        st.ref_eval = (sequence_logps(self.model, self.eval_examples, self.tasks, bs, self.pad_id, self.d).sums
-                       if self.eval_examples else torch.zeros(0, 1 + self.k))
-        scored = (f"{int(st.ref_train[:, 0].isfinite().sum())} training prompts"
-                  if cfg.reference == "precompute" else "training prompts scored per batch")
-        self.log(f"reference log-probs ({cfg.reference}: {scored}, {len(self.eval_examples)} held out) "
-                 f"in {time.perf_counter() - t0:.1f}s")
+        needed = sorted(set(self.step_indices_range(spec, 0, spec.steps))) if cfg.reference == "precompute" else []
+        with self.progress.phase("reference log-probs", len(needed) + len(self.eval_examples), "prompt") as ph:
+            # online/none: an all-NaN table, unused; it keeps checkpoints uniform
+            st.ref_train = score_table(self.model, self.train, needed, self.tasks, bs, self.pad_id, self.d, ph.update)
+            st.progress["reference_steps"] = spec.steps
+            st.ref_eval = (sequence_logps(self.model, self.eval_examples, self.tasks, bs, self.pad_id, self.d,
+                                          ph.update).sums if self.eval_examples else torch.zeros(0, 1 + self.k))
+            ph.summary = (f"{cfg.reference}: {len(needed)} training prompts, " if cfg.reference == "precompute"
+                          else f"{cfg.reference}: training prompts scored per batch, ") + \
+                f"{len(self.eval_examples)} held out"
 
     # ------------------------------------------------------------------ the step
     def micro_step(self, spec: PhaseSpec, mb: Sequence[int], weight: float) -> torch.Tensor:
@@ -321,40 +324,32 @@ class Trainer:
         if self.state.optimizer is None:
             self.state.optimizer = self.make_optimizer(spec)
         self.model.train()
-        bar = None
-        if cfg.progress and self.d.is_main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=spec.steps, initial=progress["step"], desc=spec.name, dynamic_ncols=True)
-        window_tokens, window_t0 = 0, time.perf_counter()
-        while progress["step"] < spec.steps:
-            stats, grad_norm, lr, indices = self.train_step(spec, progress["step"])
-            window_tokens += self.step_tokens(spec, indices)
-            progress["step"] += 1
-            if progress["step"] % cfg.log_every == 0 or progress["step"] == spec.steps:
-                row = self.log_row(spec, stats, grad_norm, lr, window_tokens / max(time.perf_counter() - window_t0, 1e-9))
-                window_tokens, window_t0 = 0, time.perf_counter()
-                if bar is not None:
-                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "rewards/margins", "rewards/accuracies")
-                                     if k in row})
-            if bar is not None:
-                bar.update(1)
-            if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
-                self.save_checkpoint(stats["loss"])
-        if bar is not None:
-            bar.close()
+        window_tokens, window_t0, shown = 0, time.perf_counter(), {}
+        with self.progress.phase(PHASE_TITLES[spec.name], spec.steps, "step", initial=progress["step"]) as ph:
+            while progress["step"] < spec.steps:
+                stats, grad_norm, lr, indices = self.train_step(spec, progress["step"])
+                window_tokens += self.step_tokens(spec, indices)
+                progress["step"] += 1
+                if progress["step"] % cfg.log_every == 0 or progress["step"] == spec.steps:
+                    row = self.log_row(spec, stats, grad_norm, lr,
+                                       window_tokens / max(time.perf_counter() - window_t0, 1e-9))
+                    window_tokens, window_t0 = 0, time.perf_counter()
+                    shown = {k.split("/")[-1]: row[k] for k in SHOWN_METRICS if k in row}
+                ph.update(1, **shown)
+                if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(stats["loss"])
+            ph.summary = "last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) if shown else ""
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, when: str) -> Optional[Dict[str, float]]:
         if not self.eval_examples:
             return None
         self.model.eval()
-        t0 = time.perf_counter()
         ref = self.state.ref_eval if self.cfg.reference != "none" else None
         result, texts = evaluate(self.model, self.eval_examples, ref, self.tok, self.tasks, self.cfg.eval_batch_size,
-                                 self.cfg.max_new_tokens, self.d, self.lm.config)
+                                 self.cfg.max_new_tokens, self.d, self.lm.config, self.progress, when)
         self.model.train()
-        self.log(f"eval {when} ({time.perf_counter() - t0:.1f}s): " + ", ".join(
-            f"{k}={v:.4g}" for k, v in result.items()))
+        self.log(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         if self.d.is_main:
             write_generations(self.run_dir / f"generations_{when}.jsonl", self.eval_examples, texts)
         return result
@@ -406,10 +401,21 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             if self.cfg.plot and self.metrics.path.exists():
                 from mio_kernels.train.plot import plot_metrics
-                png = plot_metrics(self.metrics.path, self.run_dir / "rewards.png")
+                evals = {"before": summary.get("eval_before"), "after": summary.get("eval_after")}
+                png = plot_metrics(self.metrics.path, self.run_dir / "rewards.png", self.plot_title(evals), evals,
+                                   self.k, self.cfg.loss_type)
                 if png:
                     self.log(f"plot: {png}")
         barrier(self.d)
+
+    def plot_title(self, evals: Dict[str, Optional[Dict[str, float]]]) -> str:
+        cfg = self.cfg
+        title = (f"run '{cfg.name}': {cfg.loss_type}, β = {cfg.resolved_beta():g}, K = {self.k} rejected per prompt, "
+                 f"lr {cfg.resolved_lr():g}, {cfg.steps} preference steps after {self.phases['sft'].steps} SFT steps")
+        if evals["before"] and evals["after"]:
+            title += (f"\nheld-out ({evals['after']['examples']} prompts) exact match "
+                      f"{evals['before']['exact_match']:.3f} → {evals['after']['exact_match']:.3f}")
+        return title
 
     def close(self) -> None:
         import torch.distributed as dist
