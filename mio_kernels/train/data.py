@@ -22,9 +22,12 @@ ignore_index, so labels[:, t] is the token that position t predicts.
 Padding-free layout (`collate_packed`): the same S sequences, in the same order, concatenated into
 one row of N tokens: input_ids and position_ids [1, N] (positions restart at 0 at every sequence,
 from which transformers builds a block-diagonal causal mask), labels [N] shifted within each
-sequence (its last token is ignore_index, like the last position of a padded row) and
-cu_seqlens [S+1] (sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]). `pack_by_tokens` groups
-prompts (each with all its responses: a prompt is never split) into micro-batches under a token budget.
+sequence and cu_seqlens [S+1]. Each sequence is exactly its padded row without the padding: its
+final token (EOS) is no input, so every position's target lies in its own sequence and no label
+crosses into the next one (the layout that feeds all L tokens would set the last one's label to
+ignore_index instead, and compute one more token per sequence). Sequence i is tokens
+cu_seqlens[i]:cu_seqlens[i+1]. `pack_by_tokens` groups prompts (each with all its responses: a
+prompt is never split) into micro-batches under a token budget.
 """
 from __future__ import annotations
 
