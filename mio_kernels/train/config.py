@@ -121,11 +121,12 @@ class TrainConfig:
     log-probs pack the same way. --no-padding-free: right-padded [rows, longest] batches. Same
     loss and gradients either way, to fp32 rounding. A model whose layers cannot keep packed
     sequences apart is refused at start."""
-    max_tokens_per_micro_batch: int = 2048
+    max_tokens_per_micro_batch: int = 1024
     """Token budget of one packed micro-batch (--padding-free): prompt + response tokens of every
     response of the prompts in it. A prompt with all its responses is never split (one over the
     budget gets a micro-batch of its own). On CPU (and with sdpa/eager attention) the packed row's
-    attention mask is a dense [N, N], so attention costs grow with the budget: 1-4k suits small models."""
+    attention mask is a dense [N, N], so attention costs grow with the budget: ~1k suits small models
+    on CPU; on GPU (flash-attention varlen: only each sequence's own pairs) larger budgets pay off."""
     lr: Optional[float] = None
     """Peak learning rate of the preference phase. Default: 1e-4 for builtin:tiny-llama, else 1e-6
     (TRL's DPO default, for pretrained models)."""
