@@ -157,8 +157,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     convention; the op gives them the policy's reduction itself, a per-token mean for ipo and
     average_log_prob=True), or the reference model's ref_hidden [S, T, H_ref] + ref_weight
     [V, H_ref] (+ ref_bias), scored forward-only; neither with reference_free=True.
-    Returned: policy_logps in the loss's reduction (sum, or mean when length-normalised);
-    ref_logps as sums (what a caller caches and passes back).
+    Returned: policy_logps in the loss's reduction (sum, or mean when length-normalised), ref_logps as sums.
     Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
     syncs; turn off for a sync-free step once the data pipeline is trusted.
     """
