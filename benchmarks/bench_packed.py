@@ -145,7 +145,8 @@ def parse(argv=None):
     p.add_argument("--budget", type=int, default=1024, help="--max-tokens-per-micro-batch of padding-free")
     p.add_argument("--steps", type=int, default=2, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the trainer's default for the built-in model)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the trainer's default for the built-in model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "packed_cpu"))
     p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # internal: one mode, JSON to stdout

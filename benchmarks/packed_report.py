@@ -30,7 +30,8 @@ def markdown(r: dict) -> str:
         f"{r['args']['micro_batch_size']} prompts per micro-batch; padding-free: "
         f"--max-tokens-per-micro-batch {r['args']['budget']}. {r['args']['steps']} timed steps after "
         f"{r['args']['warmup']} warm-up.", "",
-        "| mode | tokens/s | s/step | micro-batches (step 1) | peak RSS MiB | peak - start MiB |", "|---|---|---|---|---|---|"]
+        "| mode | tokens/s | s/step | micro-batches (step 1) | peak RSS MiB | peak - start MiB |",
+        "|---|---|---|---|---|---|"]
     for name, x in (("padded", a), ("padding-free", b)):
         lines.append(f"| {name} | {x['tokens_per_s']:.0f} | {x['s_per_step']:.2f} | {x['micro_batches']} | "
                      f"{x['peak_rss_mib']:.0f} | {x['peak_over_start_mib']:.0f} |")

@@ -51,7 +51,8 @@ def examples_of(tok, n=6, max_length=128):
 @pytest.mark.parametrize("responses", [None, [0]])
 def test_collate_packed_is_the_padded_rows_concatenated(tok, responses):
     examples, k = examples_of(tok, 3)
-    padded, packed = collate(examples, tok.pad_token_id, responses=responses), collate_packed(examples, responses=responses)
+    padded = collate(examples, tok.pad_token_id, responses=responses)
+    packed = collate_packed(examples, responses=responses)
     rows = padded["input_ids"].shape[0]
     cu = packed["cu_seqlens"]
     assert rows == (1 + k if responses is None else 1) * 3 and cu.shape == (rows + 1,) and cu.dtype == torch.int32
