@@ -98,17 +98,19 @@ def metric_rows(run: Path):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_then_resume_is_exact(tmp_path):
+def kill_and_resume(tmp_path, *extra: str):
+    """An uninterrupted run, and a run SIGKILLed after its checkpoint at preference step 6 then
+    resumed: the same final weights, bit for bit, and the same metrics log."""
     from mio_kernels.train.cli import main
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     threads = torch.get_num_threads()
     try:  # the uninterrupted run in this process (saves an interpreter start), the others killable
-        main(train_cmd(tmp_path, "straight")[3:])
+        main(train_cmd(tmp_path, "straight", *extra)[3:])
     finally:
         torch.set_num_threads(threads)
 
-    proc = subprocess.Popen(train_cmd(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(tmp_path, "killed", *extra), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     target = tmp_path / "killed" / "checkpoints" / "step_00000012" / ckpt.MARKER  # preference step 6
     deadline = time.time() + 240
@@ -118,7 +120,8 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "summary.json").exists()
 
-    subprocess.run(train_cmd(tmp_path, "killed", "--resume"), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(train_cmd(tmp_path, "killed", *extra, "--resume"), check=True, env=env, capture_output=True,
+                   timeout=300)
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for name in a:
@@ -126,3 +129,8 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     # The log of the resumed run is the uninterrupted run's, line for line (timings aside).
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens/s"} for r in rows]
     assert strip(metric_rows(tmp_path / "killed")) == strip(metric_rows(tmp_path / "straight"))
+
+
+def test_sigkill_then_resume_is_exact(tmp_path):
+    """Padded batches (padding-free, the default, is tests/test_train_packed.py's)."""
+    kill_and_resume(tmp_path, "--no-padding-free")

@@ -55,8 +55,10 @@ def grads(trainer, phase, step=0):
 
 
 def make(tmp_path, *extra):
+    # padded: the micro-batch sizes below are the padded path's (padding-free: tests/test_train_packed.py)
     t = Trainer(parse_args(TINY + ["--output-dir", str(tmp_path), "--batch-size", "8", "--micro-batch-size", "8",
-                                   "--sft-batch-size", "8", "--sft-micro-batch-size", "8", *extra]))
+                                   "--sft-batch-size", "8", "--sft-micro-batch-size", "8", "--no-padding-free",
+                                   *extra]))
     t.compute_reference()
     return t
 

@@ -112,6 +112,21 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Prompts per forward/backward on one process; gradients accumulate over
     batch_size / (micro_batch_size * processes) micro-batches (the last may be smaller)."""
+    padding_free: bool = True
+    """Padding-free batches: each micro-batch is ONE packed row of its sequences (position_ids
+    restarting at every sequence, from which transformers builds a block-diagonal causal mask;
+    flash-attention's varlen path on GPU), so no layer computes on padding. Micro-batches are
+    filled to --max-tokens-per-micro-batch, whole prompts at a time (--micro-batch-size and
+    --sft-micro-batch-size are then unused); the SFT warm-up, the reference pass and evaluation
+    log-probs pack the same way. --no-padding-free: right-padded [rows, longest] batches. Same
+    loss and gradients either way, to fp32 rounding. A model whose layers cannot keep packed
+    sequences apart is refused at start."""
+    max_tokens_per_micro_batch: int = 1024
+    """Token budget of one packed micro-batch (--padding-free): prompt + response tokens of every
+    response of the prompts in it. A prompt with all its responses is never split (one over the
+    budget gets a micro-batch of its own). On CPU (and with sdpa/eager attention) the packed row's
+    attention mask is a dense [N, N], so attention costs grow with the budget: ~1k suits small models
+    on CPU; on GPU (flash-attention varlen: only each sequence's own pairs) larger budgets pay off."""
     lr: Optional[float] = None
     """Peak learning rate of the preference phase. Default: 1e-4 for builtin:tiny-llama, else 1e-6
     (TRL's DPO default, for pretrained models)."""
@@ -224,8 +239,11 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- validation
 
 # May differ between a run and its resumption (the others must match the checkpoint's).
+# padding_free and max_tokens_per_micro_batch, like micro_batch_size, only regroup a step's prompts
+# into forwards: the prompts of every step, the loss and the gradients stay the same (to fp32 rounding).
 MAY_CHANGE_ON_RESUME = ("name", "output_dir", "device", "threads", "backend", "activation_checkpointing", "steps",
-                        "micro_batch_size", "sft_micro_batch_size", "max_new_tokens", "eval_batch_size", "log_every",
+                        "micro_batch_size", "sft_micro_batch_size", "padding_free", "max_tokens_per_micro_batch",
+                        "max_new_tokens", "eval_batch_size", "log_every",
                         "progress", "plot", "save_final", "checkpoint_every", "keep_checkpoints", "resume",
                         "overwrite")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
@@ -298,6 +316,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_loss(cfg)
     at_least(("batch_size", "micro_batch_size", "sft_batch_size", "sft_micro_batch_size", "log_every",
               "eval_batch_size", "max_new_tokens", "max_eval_examples", "keep_checkpoints", "max_length",
+              "max_tokens_per_micro_batch",
               "max_prompt_length", "tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_intermediate_size"), 1)
     at_least(("steps", "sft_steps", "warmup_steps", "sft_warmup_steps", "checkpoint_every"), 0, optional=True)
     at_least(("grad_clip", "weight_decay"), 0, integer=False)

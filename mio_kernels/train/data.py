@@ -18,6 +18,16 @@ Batch layout (what fused_mio_loss expects): for P prompts with K negatives, S = 
 rows: the P chosen sequences, then K blocks of P rejected ones. Each row is prompt + response,
 right-padded; input_ids = seq[:-1], labels = seq[1:] with prompt and padding positions set to
 ignore_index, so labels[:, t] is the token that position t predicts.
+
+Padding-free layout (`collate_packed`): the same S sequences, in the same order, concatenated into
+one row of N tokens: input_ids and position_ids [1, N] (positions restart at 0 at every sequence,
+from which transformers builds a block-diagonal causal mask), labels [N] shifted within each
+sequence and cu_seqlens [S+1]. Each sequence is exactly its padded row without the padding: its
+final token (EOS) is no input, so every position's target lies in its own sequence and no label
+crosses into the next one (the layout that feeds all L tokens would set the last one's label to
+ignore_index instead, and compute one more token per sequence). Sequence i is tokens
+cu_seqlens[i]:cu_seqlens[i+1]. `pack_by_tokens` groups prompts (each with all its responses: a
+prompt is never split) into micro-batches under a token budget.
 """
 from __future__ import annotations
 
@@ -212,13 +222,8 @@ def tokenize_rows(rows: Sequence[dict], source: str, tokenizer, max_length: int,
 
 # ----------------------------------------------------------------------------- collation
 
-def collate(examples: Sequence[Example], pad_id: int, ignore_index: int = -100,
-            responses: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
-    """Batch of P examples -> input_ids, attention_mask, labels [S, L] (int64), S = P * len(responses).
-
-    `responses` picks which responses, in order, as blocks of P rows (default: all, chosen
-    first, i.e. the fused loss's layout; [0] gives the chosen rows alone, for SFT).
-    """
+def _sequences(examples: Sequence[Example], responses: Optional[Sequence[int]]):
+    """(token lists, prompt lengths) of the rows, in the loss's order: blocks of P, by response."""
     if responses is None:
         responses = range(len(examples[0].responses))
     seqs, prompt_lens = [], []
@@ -226,6 +231,17 @@ def collate(examples: Sequence[Example], pad_id: int, ignore_index: int = -100,
         for ex in examples:
             seqs.append(ex.prompt + ex.responses[j])
             prompt_lens.append(len(ex.prompt))
+    return seqs, prompt_lens
+
+
+def collate(examples: Sequence[Example], pad_id: int, ignore_index: int = -100,
+            responses: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """Batch of P examples -> input_ids, attention_mask, labels [S, L] (int64), S = P * len(responses).
+
+    `responses` picks which responses, in order, as blocks of P rows (default: all, chosen
+    first, i.e. the fused loss's layout; [0] gives the chosen rows alone, for SFT).
+    """
+    seqs, prompt_lens = _sequences(examples, responses)
     width = max(map(len, seqs)) - 1
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), ignore_index, dtype=torch.long)
@@ -237,6 +253,78 @@ def collate(examples: Sequence[Example], pad_id: int, ignore_index: int = -100,
         attention_mask[i, :n] = 1
         labels[i, lp - 1:n] = seq_t[lp:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(examples: Sequence[Example], ignore_index: int = -100,
+                   responses: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """The rows of `collate`, same order, as one packed row: input_ids, position_ids [1, N] (int64),
+    labels [N] (int64), cu_seqlens [S+1] (int32); N = sum over rows of (length - 1), no padding."""
+    seqs, prompt_lens = _sequences(examples, responses)
+    lengths = torch.tensor([len(seq) - 1 for seq in seqs], dtype=torch.long)
+    cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    input_ids = torch.tensor([t for seq in seqs for t in seq[:-1]], dtype=torch.long)
+    labels = torch.full_like(input_ids, ignore_index)
+    for seq, lp, start in zip(seqs, prompt_lens, cu_seqlens.tolist()):
+        labels[start + lp - 1:start + len(seq) - 1] = torch.tensor(seq[lp:], dtype=torch.long)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    position_ids = torch.arange(len(input_ids)) - starts
+    return {"input_ids": input_ids[None], "position_ids": position_ids[None], "labels": labels,
+            "cu_seqlens": cu_seqlens}
+
+
+def collate_rows(examples: Sequence[Example], pad_id: int, packed: bool, ignore_index: int = -100,
+                 responses: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """`collate_packed` (padding-free) or `collate` (padded) of the same rows."""
+    if packed:
+        return collate_packed(examples, ignore_index, responses)
+    return collate(examples, pad_id, ignore_index, responses)
+
+
+def packed_tokens(example: Example, responses: Optional[Sequence[int]] = None) -> int:
+    """Tokens `example` brings to a packed row (prompt + response - 1, for each response used)."""
+    picked = example.responses if responses is None else [example.responses[j] for j in responses]
+    return sum(len(example.prompt) + len(r) - 1 for r in picked)
+
+
+def pack_by_tokens(sizes: Sequence[int], budget: int, min_bins: int = 0) -> List[List[int]]:
+    """Group items (prompts, of `sizes` tokens each) into micro-batches of at most `budget` tokens
+    -> lists of item positions, each in ascending order.
+
+    Length-grouped: items are placed longest first, each into the first micro-batch with room
+    (first-fit decreasing; an item over the budget gets one of its own). Then, while there are
+    fewer than `min_bins` micro-batches (so that every process runs as many forwards as the
+    busiest one), the one with the most tokens is halved. Deterministic: a function of the sizes.
+    """
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        fit = next((b for b, r in enumerate(room) if sizes[i] <= r), None)
+        if fit is None:
+            bins.append([])
+            room.append(budget)
+            fit = len(bins) - 1
+        bins[fit].append(i)
+        room[fit] -= sizes[i]
+    if min_bins > len(sizes):
+        raise ValueError(f"cannot split {len(sizes)} items into {min_bins} non-empty micro-batches")
+    while len(bins) < min_bins:
+        b = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: sum(sizes[i] for i in bins[b]))
+        bins[b:b + 1] = [bins[b][0::2], bins[b][1::2]]  # alternate: the halves get similar tokens
+    return [sorted(b) for b in bins]
+
+
+def contiguous_chunks(sizes: Sequence[int], budget: int) -> List[range]:
+    """Consecutive items under a token budget each (an item over it alone): forward-only passes."""
+    chunks, lo, used = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > lo and used + n > budget:
+            chunks.append(range(lo, i))
+            lo, used = i, 0
+        used += n
+    if sizes:
+        chunks.append(range(lo, len(sizes)))
+    return chunks
 
 
 def collate_prompts(examples: Sequence[Example], pad_id: int) -> Dict[str, torch.Tensor]:

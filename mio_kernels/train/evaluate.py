@@ -16,7 +16,8 @@ from torch import Tensor
 
 from mio_kernels.objective import PreferenceConfig, metrics_dict, preference_objective
 from mio_kernels.sequence import SequenceLogps
-from mio_kernels.train.data import Example, collate, collate_prompts, final_answer
+from mio_kernels.train.data import (Example, collate_prompts, collate_rows, contiguous_chunks, final_answer,
+                                   packed_tokens)
 from mio_kernels.train.model import HeadTasks
 from mio_kernels.train.parallelize import Dist, all_reduce_sum, reshard_all
 from mio_kernels.train.progress import Progress
@@ -29,27 +30,36 @@ class ScoredResponses(NamedTuple):
     counts: Tensor  # [N, 1 + K] fp32 scored tokens of each response
 
 
+def logprob_chunks(examples: Sequence[Example], batch_size: int, packing: Optional[int]) -> List[range]:
+    """Consecutive examples per forward: `batch_size` of them (padded), or as many as fit in
+    `packing` tokens (padding-free)."""
+    if packing is None:
+        return [range(lo, min(lo + batch_size, len(examples))) for lo in range(0, len(examples), batch_size)]
+    return contiguous_chunks([packed_tokens(ex) for ex in examples], packing)
+
+
 @torch.no_grad()
 def sequence_logps(model, examples: Sequence[Example], tasks: HeadTasks, batch_size: int, pad_id: int,
-                   d: Dist, tick: Tick = None) -> ScoredResponses:
-    """Sequence log-prob sums and token counts of every response (on CPU).
+                   d: Dist, packing: Optional[int] = None, tick: Tick = None) -> ScoredResponses:
+    """Sequence log-prob sums and token counts of every response (on CPU). `packing`: the token
+    budget of a packed forward (padding-free), or None for padded batches of `batch_size` prompts.
     tick(prompts) after each round of chunks (all processes' prompts)."""
     n, width = len(examples), len(examples[0].responses)
     out = torch.zeros(2, n, width, dtype=torch.float32, device=d.device)
-    starts = list(range(0, n, batch_size))
-    rounds = -(-len(starts) // d.world_size)
+    chunks = logprob_chunks(examples, batch_size, packing)
+    rounds = -(-len(chunks) // d.world_size)
     for r in range(rounds):
         j = r * d.world_size + d.rank
-        real = j < len(starts)
-        lo = starts[j] if real else 0  # a process without a chunk repeats chunk 0 and drops it
-        chunk = examples[lo:lo + batch_size]
-        batch = {k: v.to(d.device) for k, v in collate(chunk, pad_id, tasks.cfg.ignore_index).items()}
-        scored = model(**batch, task=tasks.sequence_logps)
+        real = j < len(chunks)
+        span = chunks[j] if real else chunks[0]  # a process without a chunk repeats chunk 0 and drops it
+        chunk = examples[span.start:span.stop]
+        batch = collate_rows(chunk, pad_id, packing is not None, tasks.cfg.ignore_index)
+        scored = model(**{k: v.to(d.device) for k, v in batch.items()}, task=tasks.sequence_logps)
         if real:
             for i, key in enumerate(("policy_logps", "token_counts")):
-                out[i, lo:lo + len(chunk)] = scored[key].float().view(width, len(chunk)).T
+                out[i, span.start:span.stop] = scored[key].float().view(width, len(chunk)).T
         if tick is not None:
-            done = lambda rounds: starts[rounds * d.world_size] if rounds * d.world_size < len(starts) else n
+            done = lambda rounds: chunks[rounds * d.world_size].start if rounds * d.world_size < len(chunks) else n
             tick(done(r + 1) - done(r))
     reshard_all(model)
     sums, counts = all_reduce_sum(out, d).cpu()
@@ -128,16 +138,17 @@ def preference_metrics(sums: Tensor, ref_sums: Optional[Tensor], cfg: Preference
 
 def evaluate(model, examples: Sequence[Example], ref_logps: Optional[Tensor], tokenizer, tasks: HeadTasks,
              batch_size: int, max_new_tokens: int, d: Dist, config=None, progress: Optional[Progress] = None,
-             when: str = "") -> Tuple[Dict[str, float], List[str]]:
+             when: str = "", packing: Optional[int] = None) -> Tuple[Dict[str, float], List[str]]:
     """(metrics, greedy continuations as text) on held-out examples; `progress` shows its two
-    phases (scoring, generation) as "eval <when>: ...".
+    phases (scoring, generation) as "eval <when>: ...". Log-probs are packed under `packing`
+    tokens per forward (None: padded); greedy decoding runs left-padded prompt batches.
 
     exact_match: the text after the last '####' of the greedy continuation equals the chosen
     response's (whitespace ignored); see data.final_answer.
     """
     pad, progress = tokenizer.pad_token_id, progress or Progress.silent()
     with progress.phase(f"eval {when}: log-probs", len(examples), "prompt") as ph:
-        scored = sequence_logps(model, examples, tasks, batch_size, pad, d, tick=ph.update)
+        scored = sequence_logps(model, examples, tasks, batch_size, pad, d, packing=packing, tick=ph.update)
     result = preference_metrics(scored.sums, ref_logps, tasks.cfg, scored.counts)
     decode_steps = -(-len(examples) // batch_size) * max_new_tokens
     with progress.phase(f"eval {when}: greedy generation", decode_steps, "decoding step") as ph:

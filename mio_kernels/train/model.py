@@ -148,6 +148,55 @@ def check_supported(lm: nn.Module) -> None:
         raise ValueError(f"{type(lm).__name__}'s output embedding is a {type(head).__name__}, not nn.Linear")
 
 
+# Tokens of the two sequences the packing probe runs (short: it runs on the full model at start).
+_PROBE_LENGTHS = (5, 3)
+
+
+@torch.no_grad()
+def packed_attention_problem(lm: nn.Module) -> Optional[str]:
+    """Why `lm` cannot run padding-free, or None when it can.
+
+    transformers builds a block-diagonal causal mask from packed position_ids (restarting at 0
+    per sequence, no attention_mask) for its attention implementations (masking_utils for
+    sdpa/eager/flex; flash-attention's varlen path from the position_ids), but a model may ignore
+    position_ids (a recurrent layer, custom attention code). So this runs the model: the second
+    of two packed sequences must get the hidden states it gets alone (fp32 rounding; 16-bit: 5e-2
+    relative), which also checks that the positions restart.
+    """
+    backbone = lm.get_decoder()
+    param = next(lm.parameters())
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(vocab, (n,), generator=g).to(param.device) for n in _PROBE_LENGTHS]
+    positions = torch.cat([torch.arange(n) for n in _PROBE_LENGTHS]).to(param.device)
+    training = lm.training
+    lm.eval()
+    try:
+        packed = backbone(input_ids=torch.cat(seqs)[None], position_ids=positions[None], use_cache=False)
+        alone = backbone(input_ids=seqs[1][None], use_cache=False)
+    except Exception as err:  # noqa: BLE001 -- any failure means: not packable, said with its message
+        return f"its forward fails on a packed row without attention_mask ({' '.join(str(err).split())[:200]})"
+    finally:
+        lm.train(training)
+    second, ref = packed.last_hidden_state[0, _PROBE_LENGTHS[0]:].float(), alone.last_hidden_state[0].float()
+    error = ((second - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+    tol = 1e-3 if param.dtype in (torch.float32, torch.float64) else 5e-2
+    if not error <= tol:
+        return (f"a packed sequence does not get the hidden states it gets alone (relative difference "
+                f"{error:.2g}): its layers ignore the packed position_ids and let sequences see each other")
+    return None
+
+
+def check_packed_attention(lm: nn.Module) -> None:
+    """Refuse a model that cannot run padding-free (see packed_attention_problem)."""
+    problem = packed_attention_problem(lm)
+    if problem is not None:
+        cfg = lm.config
+        raise ValueError(f"--padding-free: model type {cfg.model_type!r} ({type(lm).__name__}, attention "
+                         f"{getattr(cfg, '_attn_implementation', None)!r}) cannot take packed sequences: "
+                         f"{problem}. Use --no-padding-free (padded batches)")
+
+
 def decoder_layers(backbone: nn.Module, lm: nn.Module) -> List[nn.Module]:
     """The transformer blocks (the model's `_no_split_modules` classes, else the largest ModuleList)."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
@@ -165,7 +214,8 @@ HeadTask = Callable[..., Dict[str, Tensor]]  # (hidden, weight, bias, **inputs) 
 
 class HeadTasks:
     """What the LM head computes, one method per use; each takes (hidden [S, T, H], weight [V, H],
-    bias [V] | None) and its own inputs, and returns a plain dict of tensors.
+    bias [V] | None) and its own inputs, and returns a plain dict of tensors. Padding-free:
+    hidden [N, H] with labels [N] and cu_seqlens [S+1] (the op's packed layout).
 
     The preference loss is the op's own `FusedMIOLoss` module, configured once from the run's
     `PreferenceConfig` (which carries the model's logit transform, `head_transform`). No host-syncing value checks in the step (check_values=False): token ids
@@ -179,21 +229,24 @@ class HeadTasks:
         self.transform_options = dict(temperature=loss_cfg.temperature, logit_scale=loss_cfg.logit_scale,
                                       final_logit_softcapping=loss_cfg.final_logit_softcapping)
 
-    def preference(self, hidden, weight, bias, labels: Tensor, ref_logps: Optional[Tensor]) -> Dict[str, Tensor]:
+    def preference(self, hidden, weight, bias, labels: Tensor, ref_logps: Optional[Tensor],
+                   cu_seqlens: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """The preference loss (+ SFT term) of one batch in the loss's row layout, and its metrics."""
-        out = self.loss(hidden, weight, labels, bias=bias, ref_logps=ref_logps)
+        out = self.loss(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps)
         return {"loss": out.loss, "policy_logps": out.policy_logps, **out.metrics}
 
-    def sequence_logps(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
+    def sequence_logps(self, hidden, weight, bias, labels: Tensor,
+                       cu_seqlens: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """[S] fp32 sequence log-prob SUMS (what the op takes as ref_logps, for every loss type) and
         [S] scored-token counts (to apply a length-normalised loss's reduction to them)."""
         token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
                                       backend=self.backend, **self.transform_options)
-        seq = reduce_sequences(token_logps, labels, self.cfg.ignore_index, length_normalized=False)
+        seq = reduce_sequences(token_logps, labels, self.cfg.ignore_index, length_normalized=False,
+                               cu_seqlens=cu_seqlens)
         return {"policy_logps": seq.token_sums.float(), "token_counts": seq.counts.float()}
 
-    def token_nll(self, hidden, weight, bias, labels: Tensor) -> Dict[str, Tensor]:
-        """Summed NLL of the scored tokens (the SFT warm-up)."""
+    def token_nll(self, hidden, weight, bias, labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Summed NLL of the scored tokens (the SFT warm-up; a sum over tokens needs no cu_seqlens)."""
         token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=self.cfg.ignore_index,
                                       backend=self.backend, **self.transform_options)
         return {"nll_sum": -token_logps.sum()}
@@ -236,7 +289,9 @@ class PreferenceModel(nn.Module):
 
     forward(input_ids [S, T], attention_mask [S, T], task, **inputs) -> the task's dict, e.g.
     model(**batch, task=tasks.preference, ref_logps=ref). Labels (in `inputs`) are already
-    shifted: labels[:, t] is the token after position t.
+    shifted: labels[:, t] is the token after position t. Padding-free (data.collate_packed):
+    input_ids and position_ids [1, N], no attention_mask, labels [N] and cu_seqlens [S+1]; the
+    head then sees hidden [N, H].
     """
 
     def __init__(self, lm: nn.Module, autocast_dtype: Optional[torch.dtype] = None):
@@ -251,9 +306,10 @@ class PreferenceModel(nn.Module):
     def tied(self) -> bool:
         return self.head.lm_head.weight is self.lm.get_input_embeddings().weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, task: HeadTask,
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, task: HeadTask,
                 position_ids: Optional[Tensor] = None, cache=None, **inputs) -> Dict[str, Tensor]:
-        """`cache`: a transformers Cache (greedy decoding), updated in place; None: no cache."""
+        """`cache`: a transformers Cache (greedy decoding), updated in place; None: no cache.
+        Padding-free: input_ids [1, N] with position_ids restarting per sequence and cu_seqlens."""
         device_type = input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
@@ -262,5 +318,7 @@ class PreferenceModel(nn.Module):
         hidden = out.last_hidden_state
         if self.autocast_dtype is not None:
             hidden = hidden.to(self.autocast_dtype)
+        if inputs.get("cu_seqlens") is not None:  # one packed row [1, N, H] -> the op's [N, H]
+            hidden = hidden[0]
         with torch.autocast(device_type, enabled=False):  # the fused op picks its own precisions
             return self.head(hidden, task, **inputs)

@@ -31,21 +31,23 @@ def frozen_copy(lm: torch.nn.Module, d: Dist, bf16: bool) -> PreferenceModel:
 
 
 def score_table(model, examples: Sequence[Example], needed: Sequence[int], tasks: HeadTasks, batch_size: int,
-                pad_id: int, d: Dist, tick=None) -> Tensor:
+                pad_id: int, d: Dist, packing: Optional[int] = None, tick=None) -> Tensor:
     """[N, 1 + K] fp32 reference log-prob sums of `examples`; rows not in `needed` stay NaN, so using
-    one by mistake shows as a NaN loss. tick: progress callback (evaluate.sequence_logps)."""
+    one by mistake shows as a NaN loss. Batched as evaluate.sequence_logps (packed under `packing`
+    tokens); tick: its progress callback."""
     width = len(examples[0].responses) if examples else 1
     table = torch.full((len(examples), width), float("nan"))
     needed = sorted(set(needed))
     if needed:
         table[needed] = sequence_logps(model, [examples[i] for i in needed], tasks, batch_size, pad_id, d,
-                                       tick).sums
+                                       packing=packing, tick=tick).sums
     return table
 
 
 def batch_reference(mode: str, ref_train: Optional[Tensor], ref_model, tasks: HeadTasks, indices: Sequence[int],
                     batch: Dict[str, Tensor], device: torch.device) -> Optional[Tensor]:
-    """[S] reference log-prob sums of the batch of prompts `indices`, in the loss's row layout."""
+    """[S] reference log-prob sums of the batch of prompts `indices`, in the loss's row layout
+    (`batch`: padded or packed, as the policy's)."""
     if mode == "none":
         return None
     if mode == "online":

@@ -13,7 +13,9 @@ micro-batch is a mean over its prompts, so it is weighted by (its prompts / prom
 step); the SFT loss is a sum of token NLLs divided by the scored tokens of the whole step (known
 on every process without communication: every process knows the step's sample indices). The
 weighted micro-batch losses then add up, over micro-batches and processes, to the loss of one
-big batch, whatever their sizes and token counts.
+big batch, whatever their sizes and token counts. Padding-free (the default) changes only how a
+step's prompts are grouped into forwards (`micro_batches`: one packed row each, under a token
+budget), never which prompts a step has: same loss and gradients as padded, to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ from mio_kernels.backends import resolve_backend
 from mio_kernels.objective import METRIC_NAMES
 from mio_kernels.train import checkpoint as ckpt
 from mio_kernels.train.config import ConfigError, TrainConfig
-from mio_kernels.train.data import Example, collate, load_rows, sample_order, tokenize_rows
+from mio_kernels.train.data import (Example, collate_rows, load_rows, pack_by_tokens, packed_tokens, sample_order,
+                                   tokenize_rows)
 from mio_kernels.train.evaluate import evaluate, sequence_logps, write_generations
 from mio_kernels.train.metrics import MetricsLog
-from mio_kernels.train.model import HeadTasks, PreferenceModel, head_transform, load_model_and_tokenizer
+from mio_kernels.train.model import (HeadTasks, PreferenceModel, check_packed_attention, head_transform,
+                                    load_model_and_tokenizer)
 from mio_kernels.train.parallelize import (Dist, all_reduce_sum, barrier, full_state_dict, init_distributed,
                                            parallelize, reshard_all, set_head_kept_gathered)
 from mio_kernels.train.progress import Progress
@@ -125,6 +129,9 @@ class Trainer:
                     intermediate_size=cfg.tiny_intermediate_size, max_positions=max(256, cfg.max_length))
         lm, self.tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.dtype, tiny)
         self.lm = lm.to(d.device)
+        if cfg.padding_free:  # before sharding: the probe runs the whole model
+            check_packed_attention(self.lm)
+        self.packing = cfg.max_tokens_per_micro_batch if cfg.padding_free else None
         vocab = self.lm.get_output_embeddings().weight.shape[0]
         self.train, self.k, self.eval_examples, src = load_examples(cfg, self.tok, vocab)
         self.log(f"data: {len(self.train)} training prompts from {src} (K={self.k} rejected each, "
@@ -234,10 +241,11 @@ class Trainer:
         needed = sorted(set(self.step_indices_range(spec, 0, spec.steps))) if cfg.reference == "precompute" else []
         with self.progress.phase("reference log-probs", len(needed) + len(self.eval_examples), "prompt") as ph:
             # online/none: an all-NaN table, unused; it keeps checkpoints uniform
-            st.ref_train = score_table(self.model, self.train, needed, self.tasks, bs, self.pad_id, self.d, ph.update)
+            st.ref_train = score_table(self.model, self.train, needed, self.tasks, bs, self.pad_id, self.d,
+                                       packing=self.packing, tick=ph.update)
             st.progress["reference_steps"] = spec.steps
             st.ref_eval = (sequence_logps(self.model, self.eval_examples, self.tasks, bs, self.pad_id, self.d,
-                                          ph.update).sums if self.eval_examples else torch.zeros(0, 1 + self.k))
+                                          packing=self.packing, tick=ph.update).sums if self.eval_examples else torch.zeros(0, 1 + self.k))
             ph.summary = (f"{cfg.reference}: {len(needed)} training prompts, " if cfg.reference == "precompute"
                           else f"{cfg.reference}: training prompts scored per batch, ") + \
                 f"{len(self.eval_examples)} held out"
@@ -247,12 +255,12 @@ class Trainer:
         """Forward + backward of one micro-batch whose loss counts `weight` in the step's loss.
         Returns its weighted metrics (SFT_METRICS, or "loss" + the op's METRIC_NAMES) on device."""
         examples = [self.train[i] for i in mb]
+        batch = collate_rows(examples, self.pad_id, self.packing is not None, responses=self.responses(spec))
+        batch = {k: v.to(self.d.device) for k, v in batch.items()}
         if spec.name == "sft":
-            batch = {k: v.to(self.d.device) for k, v in collate(examples, self.pad_id, responses=[0]).items()}
             loss = self.model(**batch, task=self.tasks.token_nll)["nll_sum"] * weight
             stats = loss.detach()[None]
         else:
-            batch = {k: v.to(self.d.device) for k, v in collate(examples, self.pad_id).items()}
             ref = batch_reference(self.cfg.reference, self.state.ref_train, self.state.ref_model, self.tasks,
                                   mb, batch, self.d.device)
             out = self.model(**batch, task=self.tasks.preference, ref_logps=ref)
@@ -265,14 +273,32 @@ class Trainer:
     def metric_names(self, spec: PhaseSpec) -> Sequence[str]:
         return SFT_METRICS if spec.name == "sft" else ("loss", *METRIC_NAMES)
 
+    @staticmethod
+    def responses(spec: PhaseSpec) -> Optional[List[int]]:
+        """The responses a phase trains on: the chosen one (SFT), or all (None)."""
+        return [0] if spec.name == "sft" else None
+
+    def micro_batches(self, spec: PhaseSpec, indices: Sequence[int]) -> List[List[int]]:
+        """This process's slice of the global batch `indices`, as micro-batches: `micro_batch_size`
+        prompts each (padded), or whole prompts under the token budget (padding-free), as many
+        micro-batches on every process (each forward all-gathers under FSDP; every process knows
+        every sample's length, so no communication is needed)."""
+        d = self.d
+        per_rank = len(indices) // d.world_size
+        shares = [list(indices[r * per_rank:(r + 1) * per_rank]) for r in range(d.world_size)]
+        mine = shares[d.rank]
+        if self.packing is None:
+            return [mine[i:i + spec.micro_batch_size] for i in range(0, len(mine), spec.micro_batch_size)]
+        sizes = [[packed_tokens(self.train[i], self.responses(spec)) for i in share] for share in shares]
+        count = max(len(pack_by_tokens(s, self.packing)) for s in sizes)
+        return [[mine[p] for p in b] for b in pack_by_tokens(sizes[d.rank], self.packing, min_bins=count)]
+
     def forward_backward(self, spec: PhaseSpec, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         """Accumulate the gradient of the global batch `indices` (this process takes its slice,
         in micro-batches). Returns this process's share of the step's metrics (device tensors;
         summed over processes they are the global-batch means)."""
         d = self.d
-        per_rank = len(indices) // d.world_size
-        mine = list(indices[d.rank * per_rank:(d.rank + 1) * per_rank])
-        micro = [mine[i:i + spec.micro_batch_size] for i in range(0, len(mine), spec.micro_batch_size)]
+        micro = self.micro_batches(spec, indices)
         sft_tokens = sum(len(self.train[i].responses[0]) for i in indices)  # scored SFT tokens, whole step
         names = self.metric_names(spec)
         totals = torch.zeros(len(names), device=d.device)
@@ -347,7 +373,8 @@ class Trainer:
         self.model.eval()
         ref = self.state.ref_eval if self.cfg.reference != "none" else None
         result, texts = evaluate(self.model, self.eval_examples, ref, self.tok, self.tasks, self.cfg.eval_batch_size,
-                                 self.cfg.max_new_tokens, self.d, self.lm.config, self.progress, when)
+                                 self.cfg.max_new_tokens, self.d, self.lm.config, self.progress, when,
+                                 packing=self.packing)
         self.model.train()
         self.log(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         if self.d.is_main:
