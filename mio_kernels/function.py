@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from mio_kernels.backends import get_backend, resolve_backend
 from mio_kernels.losses import DEFAULT_LOSS
-from mio_kernels.objective import MIOLossOutput, PreferenceConfig, metrics_dict, preference_objective
+from mio_kernels.objective import (MIOLossOutput, PreferenceConfig, function_outputs, metrics_dict,
+                                   preference_objective)
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
 from mio_kernels.sequence import per_token, reduce_sequences, result_dtype
 from mio_kernels.single_pass import SinglePassPreferenceLossFunction, check_backward_mode, resolve_backward_mode
@@ -94,11 +95,9 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
         objective = preference_objective(policy, ref_logps, cfg)
         ctx.save_for_backward(hidden, weight, labels, bias, softmax_stats, objective.seq_token_grad, cu_seqlens)
         ctx.cfg, ctx.backend = cfg, backend
-        out_dtype = result_dtype(hidden)
-        policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
-        policy_sums = policy.token_sums.to(out_dtype)
-        ctx.mark_non_differentiable(policy_logps, metrics, policy_sums)
-        return objective.loss.to(out_dtype), policy_logps, metrics, policy_sums
+        outputs = function_outputs(objective, policy, result_dtype(hidden))
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics, _grad_sums):

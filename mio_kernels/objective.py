@@ -107,6 +107,13 @@ def metrics_dict(metrics: Tensor) -> Dict[str, Tensor]:
     return dict(zip(METRIC_NAMES, metrics.unbind()))
 
 
+def function_outputs(objective: Objective, policy: SequenceLogps, out_dtype: torch.dtype):
+    """What the op's autograd.Functions return: (loss, policy_logps, metrics, policy_sums) in the
+    public dtype; all but the loss are non-differentiable."""
+    return (objective.loss.to(out_dtype), policy.logps.to(out_dtype), objective.metrics.to(out_dtype),
+            policy.token_sums.to(out_dtype))
+
+
 class CoefficientGroups(NamedTuple):
     """Which sequences' dL/dlogp_t (`Objective.seq_token_grad`) are known together: the schedule
     of the single-pass backward (mio_kernels/backends/single_pass.py)."""

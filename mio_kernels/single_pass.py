@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from mio_kernels.backends.single_pass import accumulator_bytes, chunk_rows, single_pass
-from mio_kernels.objective import CoefficientGroups, PreferenceConfig, coefficient_groups, preference_objective
+from mio_kernels.objective import (CoefficientGroups, PreferenceConfig, coefficient_groups, function_outputs,
+                                   preference_objective)
 from mio_kernels.sequence import reduce_sequences, result_dtype
 from mio_kernels.validation import check_finite_result, check_first_order_only
 
@@ -113,11 +114,9 @@ class SinglePassPreferenceLossFunction(torch.autograd.Function):
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
         objective = preference_objective(policy, ref_logps, cfg)
         ctx.save_for_backward(result.d_hidden, result.d_weight, result.d_bias)
-        out_dtype = result_dtype(hidden)
-        policy_logps, metrics = policy.logps.to(out_dtype), objective.metrics.to(out_dtype)
-        policy_sums = policy.token_sums.to(out_dtype)
-        ctx.mark_non_differentiable(policy_logps, metrics, policy_sums)
-        return objective.loss.to(out_dtype), policy_logps, metrics, policy_sums
+        outputs = function_outputs(objective, policy, result_dtype(hidden))
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_metrics, _grad_sums):

@@ -1,6 +1,7 @@
 // CUDA kernel of the single-pass epilogue (see grad_epilogue.h): per row, one sweep for the
 // max and sum of exp (online), one sweep writing dZ over the logits.
 #include "grad_epilogue.h"
+#include "device_math.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,21 +11,6 @@
 
 namespace mio_cuda {
 namespace {
-
-constexpr int kThreads = 512;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
 
 // (m, s) <- merge of two (max, sum of exp(z - max)) pairs; -inf maxima carry no mass.
 template <typename A>

@@ -1,6 +1,7 @@
 // CUDA row epilogues of the native backend (see logprob_epilogue.h). One block per row of
 // the chunk's logits; the GEMMs around them are cuBLAS calls made by the ATen launcher.
 #include "logprob_epilogue.h"
+#include "device_math.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -11,9 +12,6 @@
 namespace mio_cuda {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr unsigned kFullMask = 0xffffffffu;
-
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
@@ -21,17 +19,6 @@ __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
 
 // Merge two (max m, sum exp(z - m), moment sum exp(z - m) (z - m)) triples; -inf maxima carry
 // no mass. The moment (for the entropy) is moved to the new max as exp(m - nm) (w + (m - nm) s).
