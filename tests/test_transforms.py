@@ -187,7 +187,8 @@ def test_trainer_scores_transformed_heads_like_the_model(kind):
     import dataclasses
 
     from mio_kernels.objective import PreferenceConfig
-    from mio_kernels.train.model import HeadTasks, PreferenceModel, check_supported, head_transform
+    from mio_kernels.train.model import HeadTasks, PreferenceModel, check_supported
+    from mio_kernels.transform import head_transform
 
     lm = _tiny_lm(kind).eval()
     with torch.no_grad():  # large logits, so that the softcap (or the scaling) matters

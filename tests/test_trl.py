@@ -227,7 +227,48 @@ def test_refused_at_trainer_construction(tokenizer, tmp_path):
                    args=MIOConfig(**options(tmp_path, loss_type="mio", num_negatives=2)),
                    train_dataset=rows(k=3, n=2), processing_class=tokenizer)
     model = tiny_model(tokenizer)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    model.config.output_multiplier_scale = 2.0
+    with pytest.raises(ValueError, match="output_multiplier_scale"):
         MIOTrainer(model=model, args=MIOConfig(**options(tmp_path)), train_dataset=rows(n=2),
                    processing_class=tokenizer)
+
+
+def tiny_gemma2(tokenizer):
+    """A soft-capped head: the fused loss scores it with the model's own transform."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():  # logits large enough for the cap to matter
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def forward_logps(model, tokenizer, prompt, response):
+    """log pi(response | prompt) from the model's own forward().logits (softcap included)."""
+    p = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([p + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[len(p) - 1:].sum().item()
+
+
+def test_softcapped_head_matches_the_model_and_trl(tokenizer, tmp_path):
+    """Gemma-2's soft-capped head: our log-probs are the model's own forward's, our loss is TRL's.
+    (TRL 1.16's own logps/* differ from the model's forward here by ~7e-4 relative, equally for
+    policy and reference at step 0, so its loss agrees; ours are compared with the forward.)"""
+    data = rows(n=2)
+    ours = run(RecordingMIO, MIOConfig, tokenizer, tmp_path / "mio", data, model=tiny_gemma2(tokenizer))
+    theirs = run(RecordingDPO, trl.DPOConfig, tokenizer, tmp_path / "dpo", data, model=tiny_gemma2(tokenizer))
+    assert ours[0].head_options == dict(logit_scale=1.0, final_logit_softcapping=2.0)
+    assert_close(ours[0].losses[0], theirs[0].losses[0], "loss")
+    model = tiny_gemma2(tokenizer).eval()  # the step-0 weights the metrics were taken with
+    for name, field in (("logps/chosen", "chosen"), ("logps/rejected", "rejected")):
+        want = sum(forward_logps(model, tokenizer, r["prompt"], r[field]) for r in data) / len(data)
+        assert_close(ours[1][0][name], want, name)
+    assert "logits/chosen" not in ours[1][0]

@@ -13,8 +13,10 @@ rewards and logps in TRL's units (sums) for every loss. For K > 1, rewards/margi
 the mean of the K rejected, rewards/accuracies counts chosen above every rejected.
 Refused at construction (never a silent difference): TRL's other loss types, loss mixes and
 loss_weights, ld_alpha, use_weighting (WPO), f_divergence_type other than reverse_kl,
-label_smoothing outside robust, vision data, MoE router aux losses, and models whose logits are
-scaled or soft-capped.
+label_smoothing outside robust, vision data, MoE router aux losses, and heads the op cannot
+express. Heads with softcapping (Gemma-2/3) or a logit scale (Cohere, Granite) are scored with the
+same transform as the model's own forward (mio_kernels.transform.head_transform); for them the
+logits/* metrics (mean of each token's logits, taken from the mean weight row) are not logged.
 
 Requires `trl>=1.16` (`pip install mio-kernels[trl]`).
 """
@@ -36,6 +38,7 @@ from trl.trainer.utils import use_adapter
 from accelerate.utils import is_peft_model
 
 from mio_kernels.function import fused_mio_loss, linear_logprobs
+from mio_kernels.transform import head_transform
 from mio_kernels.losses import get_loss
 
 # TRL loss name -> the op's loss_type (same formula). The op's own names are accepted as they are.
@@ -179,17 +182,6 @@ def _add_mio_head(model) -> None:
     model._mio_head_patched = True
 
 
-def _check_model(model) -> None:
-    """Refuse models whose LM head is more than hidden @ weight.T (+ bias)."""
-    cfg = model.config.get_text_config()
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                 "logits_scaling"):
-        value = getattr(cfg, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"MIOTrainer: the model's {name}={value} changes the logits; the fused loss "
-                             "computes hidden @ lm_head.weight.T only")
-
-
 def _labels_and_model_kwargs(inputs: Dict[str, Tensor]):
     """Labels (completion tokens, unshifted) and the model's own inputs of a collated batch."""
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
@@ -197,8 +189,9 @@ def _labels_and_model_kwargs(inputs: Dict[str, Tensor]):
     return labels, dict(kwargs, use_cache=False)
 
 
-def _sequence_sums(hidden, weight, bias, labels, backend: str) -> Dict[str, Tensor]:
-    token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=backend)
+def _sequence_sums(hidden, weight, bias, labels, backend: str, head_options: Dict[str, Any]) -> Dict[str, Tensor]:
+    token_logps = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=backend,
+                                  **head_options)
     # summed in float64 like the op's own sequence reduction, so a policy equal to its reference has
     # rewards of exactly 0 (then cast to fp32 like the op's policy_logps)
     return {"sums": token_logps.double().sum(-1).float()}
@@ -220,7 +213,7 @@ class MIOTrainer(DPOTrainer):
         self.num_negatives = getattr(args, "num_negatives", 1)
         self.mio_backend = getattr(args, "mio_backend", "auto")
         if not isinstance(model, str):
-            _check_model(model)
+            head_transform(model)  # refuse a head the op cannot express before TRL loads anything
         if data_collator is None and processing_class is not None:
             tok = getattr(processing_class, "tokenizer", processing_class)
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -231,7 +224,7 @@ class MIOTrainer(DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
-        _check_model(self.model)
+        self.head_options = head_transform(self.model)  # Gemma's softcapping, Cohere/Granite scales
         if self._is_vision_dataset:
             raise ValueError("MIOTrainer: vision datasets are not supported")
         if self.aux_loss_enabled:
@@ -280,7 +273,7 @@ class MIOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(inner):
             adapter = use_adapter(inner, adapter_name="ref" if "ref" in inner.peft_config else None)
         backend = self.mio_backend
-        head = lambda h, w, b, y: _sequence_sums(h, w, b, y, backend)  # noqa: E731
+        head = lambda h, w, b, y: _sequence_sums(h, w, b, y, backend, self.head_options)  # noqa: E731
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter, (self.accelerator.autocast() if precompute else contextlib.nullcontext()):
             return self._patched(model)(**model_kwargs, labels=labels, mio_head=head)["sums"].float()
@@ -315,7 +308,7 @@ class MIOTrainer(DPOTrainer):
             out = fused_mio_loss(hidden, weight, labels, bias=bias, ref_logps=ref.to(hidden.device),
                                  loss_type=self._op_loss, beta=args.beta, num_negatives=self.num_negatives,
                                  label_smoothing=args.label_smoothing, ignore_index=IGNORE_INDEX,
-                                 backend=self.mio_backend)
+                                 backend=self.mio_backend, **self.head_options)
             with torch.no_grad():  # mean over the vocabulary of each token's logits (TRL's logits/*)
                 mean_logits = hidden.float() @ weight.float().mean(0)
                 if bias is not None:
@@ -339,7 +332,9 @@ class MIOTrainer(DPOTrainer):
         for name, value in per_prompt.items():
             metrics[name].append(gather(value).mean().item())
         logit_sums, counts = out["logit_sums"].view(1 + k, -1), counts.view(1 + k, -1)
-        for name, rows in (("logits/chosen", slice(0, 1)), ("logits/rejected", slice(1, None))):
+        # The mean logit comes from the mean weight row: exact for a linear head only.
+        linear_head = self.head_options == dict(logit_scale=1.0, final_logit_softcapping=None)
+        for name, rows in (("logits/chosen", slice(0, 1)), ("logits/rejected", slice(1, None))) * linear_head:
             total = gather(logit_sums[rows].sum()).sum().item()
             tokens = gather(counts[rows].sum()).sum().item()
             metrics[name].append(total / tokens if tokens > 0 else 0.0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from mio_kernels import FusedMIOLoss, linear_logprobs
 from mio_kernels.objective import PreferenceConfig
 from mio_kernels.sequence import reduce_sequences
+from mio_kernels.transform import head_transform
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -112,33 +112,6 @@ def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None, dtype:
 
 
 # Config attributes that transform the logits in ways the op cannot express.
-UNSUPPORTED_HEAD_ATTRS = ("output_multiplier_scale",)
-
-
-def head_transform(lm: nn.Module) -> Dict[str, Optional[float]]:
-    """The op's logit-transform options for `lm`'s head, read from its config: Gemma-2/3
-    `final_logit_softcapping` (z = c * tanh(x / c)), Cohere `logit_scale` (z = s * x), Granite
-    `logits_scaling` (z = x / s). Raises ValueError naming an attribute the op cannot express."""
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    for attr in UNSUPPORTED_HEAD_ATTRS:
-        value = getattr(cfg, attr, None)
-        if value not in (None, 0, 1, 1.0, False):
-            raise ValueError(f"{type(lm).__name__} transforms its logits with {attr}={value}, which the fused "
-                             "loss cannot express (it scores c * tanh(s * (hidden @ lm_head.weight.T + bias) / c))")
-    scale = 1.0
-    for attr, invert in (("logit_scale", False), ("logits_scaling", True)):
-        value = getattr(cfg, attr, None)
-        if value is None:
-            continue
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value != 0):
-            raise ValueError(f"{type(lm).__name__}'s {attr}={value!r} must be a finite nonzero number")
-        scale *= 1.0 / value if invert else float(value)
-    softcap = getattr(cfg, "final_logit_softcapping", None) or None  # 0 / False: none
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"{type(lm).__name__}'s final_logit_softcapping={softcap!r} must be None or a number > 0")
-    return dict(logit_scale=scale, final_logit_softcapping=None if softcap is None else float(softcap))
-
-
 def check_supported(lm: nn.Module) -> None:
     """Refuse models whose logits the op cannot express: transform attributes it does not know
     (head_transform), or an output embedding that is not an nn.Linear."""

@@ -36,8 +36,8 @@ from mio_kernels.train.data import (Example, collate_rows, load_rows, pack_by_to
                                    tokenize_rows)
 from mio_kernels.train.evaluate import evaluate, sequence_logps, write_generations
 from mio_kernels.train.metrics import MetricsLog
-from mio_kernels.train.model import (HeadTasks, PreferenceModel, check_packed_attention, head_transform,
-                                    load_model_and_tokenizer)
+from mio_kernels.train.model import HeadTasks, PreferenceModel, check_packed_attention, load_model_and_tokenizer
+from mio_kernels.transform import head_transform
 from mio_kernels.train.parallelize import (Dist, all_reduce_sum, barrier, full_state_dict, init_distributed,
                                            parallelize, reshard_all, set_head_kept_gathered)
 from mio_kernels.train.progress import Progress
