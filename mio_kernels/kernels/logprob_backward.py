@@ -66,9 +66,7 @@ def logprob_backward_kernel(
         logits, slope = transform_tile(logits, scale, cap, TRANSFORM)
 
         labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
-        # Rows without gradient (ignored rows' stats are (0, 0): exp(z) could overflow, and 0 * inf
-        # is NaN) and rows past N: max = inf, so probs = 0.
-        live = mask_n & (g_any > 0.0)
+        live = mask_n & (g_any > 0.0)  # else max = inf, probs = 0 (ignored rows' stats (0, 0): exp(z) may overflow)
         row_max = tl.load(ROW_MAX + offs_n, mask=live, other=float("inf"))
         log_sumexp = tl.load(LOG_SUMEXP + offs_n, mask=live, other=0.0)
         probs = tl.exp((logits - row_max[:, None]) - log_sumexp[:, None])
