@@ -10,8 +10,10 @@ import torch
 
 from mio_kernels import FusedMIOLoss, fused_mio_loss, linear_logprobs
 from mio_kernels.backends import available_kernel_backends
+from mio_kernels.function import _kernel_token_logprobs
 from mio_kernels.losses import LN4, LOSSES
 from mio_kernels.reference import reference_preference_loss, reference_token_logprobs
+from mio_kernels.transform import LogitTransform
 
 from conftest import DEVICE, WORST_ERRORS
 
@@ -113,6 +115,34 @@ def test_fully_masked_sequence(backend):
     inputs = make_inputs(s=4, mask_rows=(1, 2))
     compare_to_oracle(backend, inputs, loss_type="dpo")
     compare_to_oracle(backend, inputs, loss_type="mio", average_log_prob=True)
+
+
+def whole_ignored_tile_inputs(**kwargs):
+    """Long prompts (the first 100 of T = 160 tokens) and two fully masked rows: with 64-token tiles
+    (the interpreter's; 128 on a GPU) whole tiles score nothing, and others mix prompt and scored
+    tokens. Ignored tokens' hidden states are scaled 200x, so exp of their logits overflows fp32
+    should anything use their softmax statistics."""
+    inputs = make_inputs(s=4, t=160, h=16, v=300, mask_rows=(1, 2), **kwargs)
+    inputs["labels"][:, :100] = IGNORE
+    ignored = (inputs["labels"] == IGNORE)[..., None]
+    inputs["hidden"] = torch.where(ignored, inputs["hidden"] * 200, inputs["hidden"])
+    return inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_ignored_tiles(backend):
+    inputs = whole_ignored_tile_inputs()
+    labels = inputs["labels"]
+    assert (labels.reshape(-1, 64)[:, :] == IGNORE).all(1).sum() >= 3  # whole tiles with nothing scored
+    for entropy in (False, True):
+        logp, stats = _kernel_token_logprobs(backend, inputs["hidden"], inputs["weight"], labels, inputs["bias"],
+                                             IGNORE, LogitTransform.of(final_logit_softcapping=30.0), entropy)
+        assert torch.isfinite(logp).all() and torch.isfinite(stats).all()
+        assert (logp[labels == IGNORE] == 0).all()
+        if backend == "triton":  # its documented contract: ignored rows' stats are (0, 0), entropy 0
+            assert (stats[labels.reshape(-1) == IGNORE] == 0).all()
+    compare_to_oracle(backend, inputs, loss_type="mio")
+    compare_to_oracle(backend, inputs, loss_type="dpo", sft_weight=0.5, average_log_prob=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

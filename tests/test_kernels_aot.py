@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 on a machine without a GPU, with
-the shipped GPU launch configuration, and the bf16/fp16 paths use tensor-core instructions
-(mma on sm_80, wgmma on sm_90). Runs `python -m mio_kernels.kernels.aot` in a fresh process, since
+the shipped GPU launch configuration and the JIT's specialisation (divisibility-16 hints on
+pointers, strides and H), reports registers and spills, and the bf16/fp16 paths use tensor-core
+instructions (mma on sm_80, wgmma on sm_90). Runs `python -m mio_kernels.kernels.aot` in a fresh process, since
 the interpreter the other tests use cannot compile."""
 import json
 import os
@@ -36,3 +37,14 @@ def test_low_precision_paths_use_tensor_cores(builds):
     for b in builds:
         if b["dtype"] in ("bf16", "fp16"):
             assert b["tensor_cores"], f"{b['kernel']} {b['dtype']} on {b['arch']} has no mma/wgmma in its PTX"
+
+
+def test_jit_specialisation_and_register_report(builds):
+    for b in builds:
+        hinted = set(b["divisible_by_16"])
+        assert {"H", "W", "Y", "D", "stride_hn", "stride_wv"} <= hinted, b
+        assert 0 < b["n_regs"] <= 255, b
+        for key in ("n_spills", "spill_store_bytes", "spill_load_bytes", "stack_frame_bytes"):
+            assert isinstance(b[key], int) and b[key] >= 0, (key, b)
+        print(f"{b['kernel']} {b['arch']} {b['dtype']}: {b['n_regs']} registers, {b['n_spills']} spills "
+              f"({b['spill_store_bytes']} B stored, {b['spill_load_bytes']} B loaded), {b['shared_bytes']} B shared")

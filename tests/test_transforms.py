@@ -13,7 +13,7 @@ from mio_kernels.reference import reference_token_logprobs
 from mio_kernels.transform import LogitTransform
 
 from conftest import DEVICE, WORST_ERRORS
-from test_fused import TOL, compare_to_oracle, make_inputs
+from test_fused import TOL, compare_to_oracle, make_inputs, whole_ignored_tile_inputs
 
 BACKENDS = ("reference",) + available_kernel_backends(DEVICE)
 IGNORE = -100
@@ -116,6 +116,14 @@ def test_awkward_shapes(backend, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows(backend):
     check_linear(backend, _inputs(s=4, mask_rows=(1, 2)), TRANSFORMS["all"], entropy=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["identity", "all"])
+def test_whole_ignored_tiles(backend, name):
+    inputs = whole_ignored_tile_inputs()
+    check_linear(backend, tuple(inputs[k] for k in ("hidden", "weight", "bias", "labels")), TRANSFORMS[name],
+                 entropy=True)
 
 
 def test_entropy_of_uniform_logits_is_log_v():

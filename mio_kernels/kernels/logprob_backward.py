@@ -12,7 +12,8 @@ The adds are fp32 atomics into dH [N, D] and dW [V, D] (cast to the parameter dt
 launcher), so no N x V tensor ever exists and nothing beyond dH + dW + O(N) is allocated. They are
 sem="relaxed": only their sum matters and no program reads them back, so the default acq_rel
 barrier around each add buys nothing.
-Tiles whose tokens all have g = 0 (prompt tokens, masked rows) skip all work.
+Tiles whose tokens all have g = 0 (prompt tokens, masked rows) skip all work; in other tiles
+such rows get dZ = 0 whatever the saved softmax stats (the forward saves (0, 0) for ignored rows).
 """
 from __future__ import annotations
 
@@ -65,14 +66,15 @@ def logprob_backward_kernel(
         logits, slope = transform_tile(logits, scale, cap, TRANSFORM)
 
         labels = tl.load(Y + offs_n, mask=mask_n, other=-1)
-        row_max = tl.load(ROW_MAX + offs_n, mask=mask_n, other=float("inf"))  # rows past N: probs = 0
-        log_sumexp = tl.load(LOG_SUMEXP + offs_n, mask=mask_n, other=0.0)
+        live = mask_n & (g_any > 0.0)  # else max = inf, probs = 0 (ignored rows' stats (0, 0): exp(z) may overflow)
+        row_max = tl.load(ROW_MAX + offs_n, mask=live, other=float("inf"))
+        log_sumexp = tl.load(LOG_SUMEXP + offs_n, mask=live, other=0.0)
         probs = tl.exp((logits - row_max[:, None]) - log_sumexp[:, None])
         onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
         dz = g[:, None] * (onehot - probs)
         if ENTROPY:
             mu = tl.load(MU + offs_n, mask=mask_n, other=0.0)
-            centered = tl.where(mask_n[:, None], logits - row_max[:, None], 0.0)  # rows past N: probs = 0
+            centered = tl.where(live[:, None], logits - row_max[:, None], 0.0)  # dead rows: probs = 0
             dz -= ge[:, None] * probs * (centered - mu[:, None])
         if TRANSFORM != 0:
             dz = dz * slope

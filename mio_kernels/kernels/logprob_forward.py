@@ -9,6 +9,13 @@ merges the splits (O(N * splits)). Splitting V keeps the GPU busy when N is smal
 The saved softmax statistics are the row max m and log(sum exp(z - m)) as two fp32 numbers, not
 lse = m + log(...) as one: at logits ~1e4 a single fp32 lse is off by up to half an ulp (5e-4),
 and every exp(z - lse) of the backward would inherit that relative error.
+
+Ignored tokens (label == ignore_index: prompt tokens, masked rows) are not scored. A BLOCK_N tile
+whose labels are all ignored skips the GEMM: split 0 writes (max 0, sum exp 1, target 0, moment 0)
+and every other split (max 0, sum exp 0, ...), so the merge gives max 0, log sum exp 0, mean 0.
+Contract: softmax_stats of ignored rows are (0, 0) (and entropy 0), in every tile, and logp is 0;
+the numbers are finite but are not the row's softmax, so a consumer must give ignored rows zero
+weight (the backward masks their dZ, since exp(z - 0) may overflow).
 """
 from __future__ import annotations
 
@@ -43,6 +50,10 @@ def logprob_forward_kernel(
 
     v_begin = pid_split * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
+    if tl.max((labels != ignore_index).to(tl.int32), axis=0) == 0:  # nothing scored: no GEMM
+        row_max = tl.zeros((BLOCK_N,), tl.float32)
+        row_sumexp += (pid_split == 0).to(tl.float32)  # merged log sum exp: log 1 = 0
+        v_end = v_begin
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
@@ -87,8 +98,8 @@ def _merge_splits(max_part, sumexp_part, moment_part):
 def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias, ignore_index: int,
                     transform=IDENTITY, with_entropy: bool = False):
     """hidden [N, D], weight [V, D], labels [N] int64, bias [V] | None, transform (LogitTransform)
-    -> (logp [N] fp32, softmax_stats [N, 2] fp32: row max, log sum exp(z - max) [, entropy, 0 where
-    ignored: with_entropy])."""
+    -> (logp [N] fp32, softmax_stats [N, 2] fp32: row max, log sum exp(z - max) [, entropy:
+    with_entropy]; logp and every stat are 0 where ignored)."""
     n, d = hidden.shape
     v = weight.shape[0]
     cfg = forward_config(n, v, d, hidden.device)
@@ -112,5 +123,6 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     target = target_part.sum(0)  # only the split holding the label contributes
     scored = labels != ignore_index
     logp = torch.where(scored, (target - row_max) - log_sumexp, 0.0)
-    stats = [row_max, log_sumexp] + ([torch.where(scored, log_sumexp - mean, 0.0)] if with_entropy else [])
+    stats = [torch.where(scored, row_max, 0.0), torch.where(scored, log_sumexp, 0.0)]  # ignored: (0, 0)
+    stats += [torch.where(scored, log_sumexp - mean, 0.0)] if with_entropy else []
     return logp, torch.stack(stats, dim=1)
