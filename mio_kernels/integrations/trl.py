@@ -224,11 +224,18 @@ class MIOTrainer(DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
-        self.head_options = head_transform(self.model)  # Gemma's softcapping, Cohere/Granite scales
         if self._is_vision_dataset:
             raise ValueError("MIOTrainer: vision datasets are not supported")
         if self.aux_loss_enabled:
             raise ValueError("MIOTrainer: MoE router aux losses are not supported (set router_aux_loss_coef=0)")
+
+    @property
+    def head_options(self) -> Dict[str, Any]:
+        """The model's logit transform (Gemma's softcapping, Cohere/Granite scales), read once; a
+        property because TRL precomputes reference log-probs inside its own __init__."""
+        if getattr(self, "_head_options", None) is None:
+            self._head_options = head_transform(self.model)
+        return self._head_options
 
     # -------------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
