@@ -123,6 +123,17 @@ class CoefficientGroups(NamedTuple):
     accumulator_slots: int         # fp32 [V, H] accumulators the single pass holds at once
 
 
+def _shares_one_accumulator(cfg: PreferenceConfig) -> bool:
+    spec = get_loss(cfg.loss_type)
+    return spec.coupling == "separable" or (spec.coupling == "difference" and cfg.num_negatives == 1
+                                            and cfg.sft_weight == 0)
+
+
+def accumulator_slots(cfg: PreferenceConfig) -> int:
+    """fp32 [V, H] accumulators the single pass holds at once (from the options alone: no labels)."""
+    return 1 if _shares_one_accumulator(cfg) else 1 + cfg.num_negatives
+
+
 def coefficient_groups(cfg: PreferenceConfig, labels: Tensor) -> CoefficientGroups:
     """Group the S = P * (1 + K) rows by how their coefficients c_s couple (LossSpec.coupling).
 
@@ -139,8 +150,8 @@ def coefficient_groups(cfg: PreferenceConfig, labels: Tensor) -> CoefficientGrou
     if spec.coupling == "separable":
         return CoefficientGroups(rows[:, None], None, 1)
     members = rows.view(1 + k, prompts).T.contiguous()   # [P, 1 + K]: chosen, then its rejected
-    if spec.coupling == "difference" and k == 1 and cfg.sft_weight == 0:
+    if _shares_one_accumulator(cfg):  # difference loss, K = 1, no SFT term
         scale = reduce_sequences(torch.zeros(labels.shape), labels.cpu(), cfg.ignore_index, cfg.length_normalized).scale
         sign = torch.where(rows < prompts, 1.0, -1.0).to(scale.dtype)
         return CoefficientGroups(members, sign * scale, 1)
-    return CoefficientGroups(members, None, 1 + k)
+    return CoefficientGroups(members, None, accumulator_slots(cfg))

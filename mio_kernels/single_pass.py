@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from mio_kernels.backends.single_pass import accumulator_bytes, chunk_rows, single_pass
-from mio_kernels.objective import (CoefficientGroups, PreferenceConfig, coefficient_groups, function_outputs,
-                                   preference_objective)
+from mio_kernels.objective import (CoefficientGroups, PreferenceConfig, accumulator_slots, coefficient_groups,
+                                   function_outputs, preference_objective)
 from mio_kernels.sequence import reduce_sequences, result_dtype
 from mio_kernels.validation import check_finite_result, check_first_order_only
 
@@ -48,13 +48,12 @@ def _budget_bytes(device: torch.device) -> int:
 def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, labels: Tensor,
                         bias: Optional[Tensor]) -> Optional[str]:
     """None when the native single pass fits the chunk budget for this call, else why not."""
-    groups = coefficient_groups(cfg, labels)
+    slots = accumulator_slots(cfg)  # from the options: no host sync for the labels here
     needs_weight, needs_bias = weight.requires_grad, bias is not None and bias.requires_grad
-    acc = accumulator_bytes(groups.accumulator_slots, weight.shape[0], weight.shape[1], hidden.dtype,
-                            needs_weight, needs_bias)
+    acc = accumulator_bytes(slots, weight.shape[0], weight.shape[1], hidden.dtype, needs_weight, needs_bias)
     budget = _budget_bytes(hidden.device)
     if chunk_rows(budget, acc, weight.shape[0], hidden.dtype, labels.numel()) is None:
-        return (f"its {groups.accumulator_slots} accumulator(s) of [V={weight.shape[0]}, H={weight.shape[1]}] take "
+        return (f"its {slots} accumulator(s) of [V={weight.shape[0]}, H={weight.shape[1]}] take "
                 f"{acc} bytes, which with the logits rows exceeds the chunk budget of {budget} bytes "
                 "(raise MIO_KERNELS_NATIVE_CHUNK_MB or use backward_mode='recompute')")
     return None
