@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MIO_KERNELS_POISON", "1")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,3 +36,28 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield seed
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    # Trainer runs set torch's thread count (--threads); the next test gets its own back.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+NVCC = shutil.which("nvcc")
+CUDA_SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+def nvcc_ptxas_report(source: str, arch: str, out_dir) -> str:
+    """Compile csrc/cuda/<source> with plain nvcc (no torch headers, no GPU) for `arch`; returns
+    ptxas' verbose report. Skips when this nvcc cannot target `arch`."""
+    listed = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    if f"compute_{arch[3:]}" not in listed:
+        pytest.skip(f"this nvcc does not support {arch}")
+    out = subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c",
+                          str(CUDA_SOURCES / source), "-o", str(Path(out_dir) / "kernel.o")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout + out.stderr

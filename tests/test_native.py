@@ -2,7 +2,6 @@
 oracle, for chunk-size independence, the chunk memory bound, thread determinism and row
 skipping; its CUDA epilogue compiled with plain nvcc; CUDA runtime checks where a GPU is.
 The exactness tests shared by every backend live in test_fused.py."""
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from mio_kernels import _native
 from mio_kernels.backends import native_backend, resolve_backend
 from mio_kernels.backends.native_backend import NativeBackend, chunk_budget_bytes, set_chunk_budget_bytes
 from mio_kernels.reference import reference_token_logprobs
+
+from conftest import NVCC, nvcc_ptxas_report
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
@@ -310,21 +311,11 @@ def test_auto_fallback_to_reference_warns_once_with_the_reason(monkeypatch):
 # ---------------------------------------------------------------- CUDA epilogue: compile-only and runtime
 
 
-NVCC = shutil.which("nvcc")
-
-
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_epilogue_compiles_with_plain_nvcc(arch, tmp_path):
     # The .cu depends on the CUDA runtime only: no torch headers, no CUDA device needed.
-    listed = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True).stdout
-    if f"compute_{arch[3:]}" not in listed:
-        pytest.skip(f"this nvcc does not support {arch}")
-    src = ROOT / "csrc" / "cuda" / "logprob_epilogue.cu"
-    out = subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(src),
-                          "-o", str(tmp_path / "epilogue.o")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = out.stdout + out.stderr
+    report = nvcc_ptxas_report("logprob_epilogue.cu", arch, tmp_path)
     assert "spill" in report and " 0 bytes spill stores" in report
     assert all(" 0 bytes spill stores" in line for line in report.splitlines() if "spill stores" in line), report
 

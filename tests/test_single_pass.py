@@ -4,9 +4,6 @@ the loss coupling flags it relies on, how `auto` chooses, and the CUDA epilogue 
 Relative error bounds against the float64 reference as in test_fused.py: 1e-5 in fp32, 2e-2 in bf16.
 """
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from mio_kernels.reference import reference_preference_loss
 from mio_kernels.sequence import reduce_sequences
 from mio_kernels.single_pass import resolve_backward_mode
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import NVCC, nvcc_ptxas_report
 IGNORE = -100
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 needs_native = pytest.mark.skipif("native" not in available_kernel_backends(torch.device("cpu")),
@@ -299,19 +296,9 @@ def test_packed_and_transformed_calls_take_the_two_pass_path():
 
 # ---------------------------------------------------------------- CUDA epilogue: compile-only here
 
-NVCC = shutil.which("nvcc")
-
-
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_grad_epilogue_compiles_with_plain_nvcc(arch, tmp_path):
-    listed = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True).stdout
-    if f"compute_{arch[3:]}" not in listed:
-        pytest.skip(f"this nvcc does not support {arch}")
-    src = ROOT / "csrc" / "cuda" / "grad_epilogue.cu"
-    out = subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(src),
-                          "-o", str(tmp_path / "grad_epilogue.o")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = out.stdout + out.stderr
+    report = nvcc_ptxas_report("grad_epilogue.cu", arch, tmp_path)
     spills = [line for line in report.splitlines() if "spill stores" in line]
     assert spills and all(" 0 bytes spill stores" in line for line in spills), report

@@ -17,13 +17,6 @@ TINY = ["--tiny-hidden-size", "32", "--tiny-layers", "2", "--tiny-heads", "2", "
         "--max-train-examples", "32", "--no-eval", "--no-progress", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_default_job_first_steps(tmp_path):
     """The default job (model, data, SFT -> MIO -> eval) with small step counts."""
     from mio_kernels.train.cli import main

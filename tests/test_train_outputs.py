@@ -13,13 +13,6 @@ SHORT = ["--sft-steps", "2", "--steps", "2", "--max-train-examples", "32", "--ma
          "--max-new-tokens", "6", "--tiny-hidden-size", "32", "--tiny-layers", "1", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """(run directory, warnings caught) of one whole short job: SFT, reference, eval with greedy

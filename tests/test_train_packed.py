@@ -29,13 +29,6 @@ TINY = ["--tiny-hidden-size", "32", "--tiny-layers", "2", "--tiny-heads", "2", "
 BUDGET = "300"  # a few prompts (4 responses each) per micro-batch: several micro-batches per step
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return builtin_tokenizer()

@@ -18,13 +18,6 @@ TINY = ["--tiny-hidden-size", "16", "--tiny-layers", "2", "--tiny-heads", "2", "
         "--batch-size", "4", "--micro-batch-size", "4", "--sft-batch-size", "4", "--sft-micro-batch-size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def train(tmp_path, *extra, name="S"):
     return main(["--output-dir", str(tmp_path), "--name", name, *TINY, *extra])
 
