@@ -233,7 +233,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
                              ref_bias, check_values)
     backend = resolve_backend(backend, hidden.device)
     labels = labels.long()
-    backward_mode = resolve_backward_mode(backward_mode, backend, cfg, hidden, weight, labels, bias, cu_seqlens)
+    backward_mode = resolve_backward_mode(backward_mode, backend, cfg, hidden, weight, labels, bias)
 
     if backend == "reference":
         out = reference_preference_loss(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
@@ -249,7 +249,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     ref_logps = None if ref_logps is None else ref_logps.detach()
     if backward_mode == "single_pass":
         loss, policy_logps, metrics, policy_sums = SinglePassPreferenceLossFunction.apply(
-            hidden, weight, labels, bias, ref_logps, cfg, check_values)
+            hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, check_values)
     else:
         loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
             hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)

@@ -134,7 +134,7 @@ def accumulator_slots(cfg: PreferenceConfig) -> int:
     return 1 if _shares_one_accumulator(cfg) else 1 + cfg.num_negatives
 
 
-def coefficient_groups(cfg: PreferenceConfig, labels: Tensor) -> CoefficientGroups:
+def coefficient_groups(cfg: PreferenceConfig, labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> CoefficientGroups:
     """Group the S = P * (1 + K) rows by how their coefficients c_s couple (LossSpec.coupling).
 
     separable loss:                   each row alone, one accumulator;
@@ -144,14 +144,17 @@ def coefficient_groups(cfg: PreferenceConfig, labels: Tensor) -> CoefficientGrou
     The SFT coefficient and the length normalisation depend on the labels only (known up front).
     """
     spec = get_loss(cfg.loss_type)
-    k, num_rows = cfg.num_negatives, labels.shape[0]
+    k = cfg.num_negatives
+    num_rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     prompts = num_rows // (1 + k)
     rows = torch.arange(num_rows)
     if spec.coupling == "separable":
         return CoefficientGroups(rows[:, None], None, 1)
     members = rows.view(1 + k, prompts).T.contiguous()   # [P, 1 + K]: chosen, then its rejected
     if _shares_one_accumulator(cfg):  # difference loss, K = 1, no SFT term
-        scale = reduce_sequences(torch.zeros(labels.shape), labels.cpu(), cfg.ignore_index, cfg.length_normalized).scale
+        labels = labels.cpu()
+        scale = reduce_sequences(torch.zeros(labels.shape), labels, cfg.ignore_index, cfg.length_normalized,
+                                 None if cu_seqlens is None else cu_seqlens.cpu()).scale
         sign = torch.where(rows < prompts, 1.0, -1.0).to(scale.dtype)
         return CoefficientGroups(members, sign * scale, 1)
     return CoefficientGroups(members, None, accumulator_slots(cfg))

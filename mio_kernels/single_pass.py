@@ -59,16 +59,14 @@ def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, l
     return None
 
 
-def _unsupported_option(cfg: PreferenceConfig, cu_seqlens: Optional[Tensor]) -> Optional[str]:
-    if cu_seqlens is not None:
-        return "packed sequences (cu_seqlens) take the two-pass backward for now"
+def _unsupported_option(cfg: PreferenceConfig) -> Optional[str]:
     if not cfg.transform.identity:
         return "its epilogue applies no logit transform (temperature, logit_scale, final_logit_softcapping) yet"
     return None
 
 
 def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfig, hidden: Tensor, weight: Tensor,
-                          labels: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor] = None) -> str:
+                          labels: Tensor, bias: Optional[Tensor]) -> str:
     """-> "single_pass" or "recompute" for this call (see the module docstring)."""
     check_backward_mode(backward_mode)
     if backward_mode == "recompute":
@@ -77,7 +75,7 @@ def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfi
         raise ValueError(f"backward_mode='single_pass' cannot run: backend={backend!r} has no single-pass backward "
                          f"(only {SINGLE_PASS_BACKENDS}: the Triton kernels stream the vocabulary with an online "
                          "logsumexp, so no pass holds a row's dZ); use backward_mode='auto' or 'recompute'")
-    unsupported = _unsupported_option(cfg, cu_seqlens)
+    unsupported = _unsupported_option(cfg)
     if unsupported is not None:
         if backward_mode == "single_pass":
             raise ValueError(f"backward_mode='single_pass' cannot run: {unsupported}; use backward_mode='auto'")
@@ -94,21 +92,23 @@ def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfi
 
 
 class SinglePassPreferenceLossFunction(torch.autograd.Function):
-    """(hidden, weight, labels, bias, ref_logps, cfg, check_values) -> (loss, policy_logps, metrics,
-    policy_sums); the gradient is formed in forward, backward scales it by grad_loss."""
+    """(hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, check_values) -> (loss, policy_logps,
+    metrics, policy_sums); the gradient is formed in forward, backward scales it by grad_loss."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ref_logps, cfg: PreferenceConfig, check_values: bool):
-        def coefficients(token_logps: Tensor) -> Tensor:
-            partial = reduce_sequences(token_logps.view(labels.shape), labels, cfg.ignore_index, cfg.length_normalized)
-            return preference_objective(partial, ref_logps, cfg).seq_token_grad
+    def forward(ctx, hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg: PreferenceConfig, check_values: bool):
+        def reduce(token_logps: Tensor):
+            return reduce_sequences(token_logps.view(labels.shape), labels, cfg.ignore_index, cfg.length_normalized,
+                                    cu_seqlens)
 
-        groups: CoefficientGroups = coefficient_groups(cfg, labels)
-        result = single_pass(hidden, weight, labels, bias, cfg.ignore_index, groups.members, groups.shared_factor,
-                             groups.accumulator_slots, coefficients, ctx.needs_input_grad[0],
+        def coefficients(token_logps: Tensor) -> Tensor:
+            return preference_objective(reduce(token_logps), ref_logps, cfg).seq_token_grad
+
+        groups: CoefficientGroups = coefficient_groups(cfg, labels, cu_seqlens)
+        result = single_pass(hidden, weight, labels, bias, cu_seqlens, cfg.ignore_index, groups.members,
+                             groups.shared_factor, groups.accumulator_slots, coefficients, ctx.needs_input_grad[0],
                              ctx.needs_input_grad[1], ctx.needs_input_grad[3], _budget_bytes(hidden.device))
-        policy = reduce_sequences(result.token_logps.view(labels.shape), labels, cfg.ignore_index,
-                                  cfg.length_normalized)
+        policy = reduce(result.token_logps)
         if check_values:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)
         objective = preference_objective(policy, ref_logps, cfg)
@@ -125,4 +125,4 @@ class SinglePassPreferenceLossFunction(torch.autograd.Function):
             return None if grad is None else grad * grad_loss.to(grad.dtype)
 
         d_hidden, d_weight, d_bias = ctx.saved_tensors
-        return scaled(d_hidden), scaled(d_weight), None, scaled(d_bias), None, None, None
+        return scaled(d_hidden), scaled(d_weight), None, scaled(d_bias), None, None, None, None

@@ -278,20 +278,84 @@ def test_bad_backward_mode_and_unsupported_backend():
 
 
 @needs_native
-def test_packed_and_transformed_calls_take_the_two_pass_path():
-    """Not yet in the single pass: packed sequences and logit transforms. auto falls back (and the
-    result is exact); an explicit single_pass says why."""
+def test_transformed_calls_take_the_two_pass_path():
+    """Not yet in the single pass: logit transforms. auto falls back (and the result is exact); an
+    explicit single_pass says why."""
     inputs = {k: (v.detach().clone().requires_grad_() if k in ("hidden", "weight") else v)
               for k, v in make_inputs(1, torch.float32).items()}
-    s, t = inputs["labels"].shape
-    packed = dict(inputs, hidden=inputs["hidden"].reshape(s * t, -1), labels=inputs["labels"].reshape(-1),
+    call = dict(inputs, temperature=0.7)
+    with pytest.raises(ValueError, match="logit transform"):
+        fused_mio_loss(**call, backend="native", backward_mode="single_pass")
+    auto = fused_mio_loss(**call, backend="native", backward_mode="auto")
+    recompute = fused_mio_loss(**call, backend="native", backward_mode="recompute")
+    assert torch.equal(auto.loss, recompute.loss)
+
+
+# ---------------------------------------------------------------- packed sequences (cu_seqlens)
+
+
+def make_packed(k, dtype, lengths, *, h=32, v=1009, bias=True, masked=()):
+    """Padding-free batch: sequences of `lengths` back to back, each with a random prompt (ignored)
+    and its last token ignored (labels shifted within the sequence); `masked` rows fully ignored."""
+    n = sum(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    labels = torch.randint(0, v, (n,))
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        prompt = int(torch.randint(0, max(b - a, 1), ()))
+        labels[a:a + prompt] = IGNORE
+        labels[b - 1] = IGNORE
+        if s in masked:
+            labels[a:b] = IGNORE
+    return dict(hidden=torch.randn(n, h, dtype=torch.float64).to(dtype),
+                weight=(torch.randn(v, h, dtype=torch.float64) / math.sqrt(h)).to(dtype), labels=labels,
+                bias=torch.randn(v, dtype=torch.float64).to(dtype) if bias else None, cu_seqlens=cu,
+                ref_logps=-torch.rand(len(lengths)) * 20)
+
+
+PACKED_CASES = [  # (k, lengths, options, fully masked sequences, rows per chunk)
+    (1, [7, 1, 12, 5], {}, (), None),
+    (1, [3, 9, 2, 11], dict(sft_weight=0.4, average_log_prob=True), (1,), 3),
+    (2, [5, 8, 1, 6, 9, 2], {}, (4,), 7),
+    (2, [4, 6, 10, 3, 2, 7], dict(sft_weight=0.2), (), 4),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("case", range(len(PACKED_CASES)))
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_packed_single_pass_matches_recompute_and_reference(loss_type, case, monkeypatch):
+    k, lengths, options, masked, rows = PACKED_CASES[case]
+    if rows is not None:  # chunks that split sequences and chunks that hold several
+        monkeypatch.setattr(walk, "chunk_rows", lambda *args: rows)
+    inputs = make_packed(k, torch.float32, lengths, masked=masked)
+    options = dict(options, loss_type=loss_type, num_negatives=k, beta=0.3)
+    if loss_type == "robust":
+        options["label_smoothing"] = 0.1
+    assert resolve_backward_mode("auto", "native", PreferenceConfig(**{o: v for o, v in options.items()}),
+                                 inputs["hidden"].requires_grad_(), inputs["weight"], inputs["labels"],
+                                 inputs["bias"]) == "single_pass"
+    single, out = run(inputs, backend="native", backward_mode="single_pass", **options)
+    assert "SinglePass" in type(out.loss.grad_fn).__name__
+    recompute, _ = run(inputs, backend="native", backward_mode="recompute", **options)
+    oracle, _ = run(inputs, backend="reference", **options)
+    for name, a, b, r in zip(["loss", "policy_logps", "d_hidden", "d_weight", "d_bias"], single, recompute, oracle):
+        floor = 1e-2 if name == "loss" else 1e-6
+        err = ((a.double() - r).norm() / r.norm().clamp_min(floor)).item()
+        assert err <= TOL[torch.float32], f"{name}: packed single pass vs float64 reference {err:.3g}"
+        assert rel(a, b) <= 2e-6, f"{name}: packed single pass vs recompute {rel(a, b):.3g}"
+
+
+@needs_native
+def test_packed_equals_padded_single_pass():
+    """The same sequences packed and padded give the same loss and gradients (rows of real tokens)."""
+    padded = make_inputs(1, torch.float32, t=6)
+    s, t = padded["labels"].shape
+    packed = dict(padded, hidden=padded["hidden"].reshape(s * t, -1), labels=padded["labels"].reshape(-1),
                   cu_seqlens=torch.arange(0, s * t + 1, t))
-    for call, why in [(packed, "packed sequences"), (dict(inputs, temperature=0.7), "logit transform")]:
-        with pytest.raises(ValueError, match=why):
-            fused_mio_loss(**call, backend="native", backward_mode="single_pass")
-        auto = fused_mio_loss(**call, backend="native", backward_mode="auto")
-        recompute = fused_mio_loss(**call, backend="native", backward_mode="recompute")
-        assert torch.equal(auto.loss, recompute.loss)
+    a, _ = run(padded, backend="native", backward_mode="single_pass", loss_type="dpo")
+    b, _ = run(packed, backend="native", backward_mode="single_pass", loss_type="dpo")
+    for x, y in zip(a, b):
+        assert rel(x.reshape(y.shape), y) <= 1e-6
 
 
 # ---------------------------------------------------------------- CUDA epilogue: compile-only here

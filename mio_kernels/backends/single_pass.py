@@ -25,7 +25,8 @@ plus the gradients themselves, held from forward to backward: dH [N, H] (built i
 precision, cast to hidden's dtype at the end), dW [V, H] and db [V] (fp32 for 16-bit parameters,
 cast at the end). `fits` says whether a call fits the budget.
 
-Host synchronisation: one, to read the labels (the schedule depends on which tokens are scored).
+Host synchronisation: one, to read the labels (and cu_seqlens): the schedule depends on which
+tokens are scored. Packed sequences (cu_seqlens) are walked the same way, by their segments.
 """
 from __future__ import annotations
 
@@ -80,18 +81,34 @@ class _Schedule(NamedTuple):
     breaks: Tensor       # [M] number of positions p <= i with rows[p] != rows[p - 1] + 1 (cpu)
 
 
-def _schedule(labels_cpu: Tensor, ignore_index: int, members: Tensor, shared: bool, device) -> _Schedule:
+def sequence_spans(labels: Tensor, cu_seqlens: Optional[Tensor]):
+    """(first flat token row [S], length [S]) of every sequence: rows of [S, T] labels, or the
+    segments of packed labels [N] given by cu_seqlens [S + 1]."""
+    if cu_seqlens is None:
+        num_seq, seq_len = labels.shape
+        return torch.arange(num_seq) * seq_len, torch.full((num_seq,), seq_len)
+    cu = cu_seqlens.long()
+    return cu[:-1], cu[1:] - cu[:-1]
+
+
+def _schedule(labels_flat: Tensor, spans, ignore_index: int, members: Tensor, shared: bool, device) -> _Schedule:
+    """labels_flat [N] (cpu), spans from `sequence_spans` (cpu), members [groups, G] (cpu)."""
+    starts, lengths = spans
     width = members.shape[1]
-    order = members.reshape(-1)
-    scored = labels_cpu[order] != ignore_index                     # [S, T] in walk order
-    member, token = scored.nonzero(as_tuple=True)
+    order = members.reshape(-1)                                    # sequences in walk order
+    walk_lengths = lengths[order]
+    member = torch.repeat_interleave(torch.arange(len(order)), walk_lengths)   # walk position of each token
+    first = walk_lengths.cumsum(0) - walk_lengths
+    rows = starts[order][member] + torch.arange(len(member)) - first[member]
+    scored = labels_flat[rows] != ignore_index
+    member, rows = member[scored], rows[scored]
     seq = order[member]
-    rows = seq * labels_cpu.shape[1] + token
-    counts = scored.sum(1).view(-1, width).sum(1)
-    end = counts.cumsum(0)
+    group = member // width
+    end = torch.bincount(group, minlength=members.shape[0]).cumsum(0)
+    start = torch.cat([end.new_zeros(1), end[:-1]])
     slot = torch.zeros_like(member) if shared else member % width
     breaks = torch.cat([rows.new_zeros(min(1, len(rows))), (rows[1:] != rows[:-1] + 1).cumsum(0)])
-    return _Schedule(rows.to(device), rows, seq.to(device), slot, member // width, end - counts, end, breaks)
+    return _Schedule(rows.to(device), rows, seq.to(device), slot, group, start, end, breaks)
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -215,19 +232,21 @@ class _Walk:
         self.open_group, self.used_slots = -1, set()
 
 
-def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
-                members: Tensor, shared_factor: Optional[Tensor], slots: int,
+def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                ignore_index: int, members: Tensor, shared_factor: Optional[Tensor], slots: int,
                 coefficients: Callable[[Tensor], Tensor], needs_hidden: bool, needs_weight: bool,
                 needs_bias: bool, budget_bytes: int) -> SinglePassResult:
-    """hidden [S, T, H], weight [V, H], labels [S, T] int64, bias [V] | None; members [groups, G] and
+    """hidden [S, T, H], weight [V, H], labels [S, T] int64 (or packed: hidden [N, H], labels [N] and
+    cu_seqlens [S + 1]), bias [V] | None; members [groups, G] and
     shared_factor [S] | None from `coefficient_groups`; coefficients(token_logps [S*T]) -> c [S],
     exact for every sequence whose group is completely scored (the others' entries are ignored).
     Returns the token log-probs and the gradients of sum_t c_s(t) logp_t. Raises ValueError when
     the accumulators do not fit budget_bytes (see `chunk_rows`)."""
-    num_seq, seq_len, width = hidden.shape
-    vocab = weight.shape[0]
+    width, vocab = hidden.shape[-1], weight.shape[0]
     labels_cpu = labels.cpu()
-    sched = _schedule(labels_cpu, ignore_index, members.cpu(), shared_factor is not None, hidden.device)
+    spans = sequence_spans(labels_cpu, None if cu_seqlens is None else cu_seqlens.cpu())
+    sched = _schedule(labels_cpu.reshape(-1), spans, ignore_index, members.cpu(), shared_factor is not None,
+                      hidden.device)
     needs_bias = needs_bias and bias is not None
     acc_bytes = accumulator_bytes(slots, vocab, width, hidden.dtype, needs_weight, needs_bias)
     rows = chunk_rows(budget_bytes, acc_bytes, vocab, hidden.dtype, len(sched.rows_cpu))
