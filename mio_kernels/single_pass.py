@@ -14,8 +14,8 @@
                   1       difference losses (dpo, ipo, hinge, robust) at K = 1 without SFT term
                   1 + K   otherwise (dpo / ipo / hinge / robust with K > 1 or sft_weight > 0)
               and 0 when the weight and bias need no gradient (only dH: 4 N H V FLOPs).
-"auto"        single_pass when a gradient is needed, the backend is native and the accumulators
-              fit the budget; else recompute.
+"auto"        single_pass when a gradient is needed, the backend is native, the call is not being
+              traced by torch.compile and the accumulators fit the budget; else recompute.
 Forward-only calls (no input requires grad, or under torch.no_grad) never do gradient work.
 """
 from __future__ import annotations
@@ -62,6 +62,8 @@ def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, l
 def _unsupported_option(cfg: PreferenceConfig, cu_seqlens: Optional[Tensor]) -> Optional[str]:
     if cu_seqlens is not None:
         return "packed sequences (cu_seqlens) take the two-pass backward for now"
+    if torch.compiler.is_compiling():  # its chunk schedule is read from the labels on the host
+        return "torch.compile cannot trace it (data-dependent schedule)"
     if not cfg.transform.identity:
         return "its epilogue applies no logit transform (temperature, logit_scale, final_logit_softcapping) yet"
     return None

@@ -294,6 +294,24 @@ def test_packed_and_transformed_calls_take_the_two_pass_path():
         assert torch.equal(auto.loss, recompute.loss)
 
 
+@needs_native
+def test_auto_under_torch_compile_takes_recompute():
+    """The single pass reads its schedule from the labels on the host: a traced call takes recompute
+    (fullgraph, no break) and gives eager's result."""
+    inputs = make_inputs(2, torch.float32, v=301)
+
+    def loss(hidden, weight):
+        return fused_mio_loss(hidden, weight, inputs["labels"], bias=inputs["bias"], ref_logps=inputs["ref_logps"],
+                              num_negatives=2, backend="native", backward_mode="auto", check_values=False).loss
+
+    torch._dynamo.reset()
+    leaves = [inputs[k].clone().requires_grad_() for k in ("hidden", "weight")]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves)
+    eager = loss(*leaves)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    assert "SinglePass" in type(eager.grad_fn).__name__
+
+
 # ---------------------------------------------------------------- CUDA epilogue: compile-only here
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
