@@ -114,10 +114,11 @@ def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ign
 
 
 def grad_epilogue(logits: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-                  dz_dtype: torch.dtype) -> torch.Tensor:
-    """The single-pass epilogue, in place over logits [n, V] (fp32, fp64 for fp64 inputs; bias
-    not yet added): returns logp [n] of labels [n] (all scored, in [0, V)) and leaves
-    dZ = onehot(labels) - softmax(logits + bias) in the buffer, in dz_dtype: the logits' dtype,
-    or on CUDA bf16/fp16, written into the first half of each fp32 row."""
+                  dz_dtype: torch.dtype, scale: float = 1.0, cap: float = 0.0) -> torch.Tensor:
+    """The single-pass epilogue, in place over the raw logits x [n, V] (fp32, fp64 for fp64 inputs;
+    bias not yet added), z = cap * tanh(scale * (x + bias)) (cap > 0) or scale * (x + bias): returns
+    logp [n] of labels [n] (all scored, in [0, V)) in z and leaves dX = (onehot(labels) - softmax(z))
+    * dz/dx in the buffer, in dz_dtype: the logits' dtype, or on CUDA bf16/fp16, written into the
+    first half of each fp32 row."""
     _require()
-    return torch.ops.mio_native.grad_epilogue(logits, labels, bias, dz_dtype)
+    return torch.ops.mio_native.grad_epilogue(logits, labels, bias, dz_dtype, float(scale), float(cap))

@@ -5,8 +5,10 @@
 "single_pass" the gradient is formed in the forward while each chunk's logits are in memory
               (mio_kernels/backends/single_pass.py); the backward only scales the saved dH, dW,
               db by the incoming scalar gradient: 6 N H V FLOPs, hidden and weight read once.
-              Native backend only (the Triton kernels stream the vocabulary with an online
-              logsumexp, so no pass holds a row's dZ). Needs fp32 [V, H] accumulators:
+              Any logit transform (temperature, logit_scale, final_logit_softcapping) is applied
+              in its epilogue, dz/dx included. Native backend only (the Triton kernels stream the
+              vocabulary with an online logsumexp, so no pass holds a row's dZ). Needs fp32
+              [V, H] accumulators:
                   bytes = slots * (V * H [weight grad] + V [bias grad]) * 4   (8 for fp64)
               counted against the native chunk budget (`chunk_budget_bytes`), beside at least
               min(64, S * T) logits rows of V * 4 bytes. slots (`coefficient_groups`):
@@ -64,8 +66,6 @@ def _unsupported_option(cfg: PreferenceConfig, cu_seqlens: Optional[Tensor]) -> 
         return "packed sequences (cu_seqlens) take the two-pass backward for now"
     if torch.compiler.is_compiling():  # its chunk schedule is read from the labels on the host
         return "torch.compile cannot trace it (data-dependent schedule)"
-    if not cfg.transform.identity:
-        return "its epilogue applies no logit transform (temperature, logit_scale, final_logit_softcapping) yet"
     return None
 
 
@@ -108,7 +108,8 @@ class SinglePassPreferenceLossFunction(torch.autograd.Function):
         groups: CoefficientGroups = coefficient_groups(cfg, labels)
         result = single_pass(hidden, weight, labels, bias, cfg.ignore_index, groups.members, groups.shared_factor,
                              groups.accumulator_slots, coefficients, ctx.needs_input_grad[0],
-                             ctx.needs_input_grad[1], ctx.needs_input_grad[3], _budget_bytes(hidden.device))
+                             ctx.needs_input_grad[1], ctx.needs_input_grad[3], _budget_bytes(hidden.device),
+                             cfg.transform)
         policy = reduce_sequences(result.token_logps.view(labels.shape), labels, cfg.ignore_index,
                                   cfg.length_normalized)
         if check_values:

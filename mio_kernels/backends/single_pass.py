@@ -5,10 +5,13 @@ For every loss of the op, dL/dlogp_t is one number c_s for all scored tokens t o
 Per chunk of R scored token rows (GEMMs through ATen: CPU BLAS / cuBLAS; the row epilogue is the
 extension's mio_native::grad_epilogue):
 
-    Z = H_c W^T                              GEMM 1 (2 R H V FLOPs)
-    logp_t;  Z <- onehot(y) - softmax(Z + b)   epilogue, in place
-    dH_c = f * (Z W)                         GEMM 2
-    dW += Z^T (f * H_c)   or   A_j += ...    GEMM 3 (db likewise, a GEMV)
+    Z = H_c W^T                                  GEMM 1 (2 R H V FLOPs)
+    logp_t;  Z <- (onehot(y) - softmax(z)) dz/dZ   epilogue, in place; z = transform(Z + b)
+    dH_c = f * (Z W)                             GEMM 2
+    dW += Z^T (f * H_c)   or   A_j += ...        GEMM 3 (db likewise, a GEMV)
+
+(z: the scored logits of mio_kernels/transform.py, recomputed from Z inside the epilogue; dz/dZ is
+1 for the identity.)
 
 f is c_s for rows whose coefficient is known, else a known pre-factor p_s (1, or +-scale_s for a
 difference loss) and the rows' share of dW goes into an fp32 [V, H] accumulator A_j (slot j).
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor
 
 from mio_kernels import _native
+from mio_kernels.transform import IDENTITY, LogitTransform
 
 # Below this many logits rows per chunk the GEMMs lose most of their efficiency and the
 # recompute path (whose chunk gets the whole budget) is faster.
@@ -114,7 +118,7 @@ class _Walk:
     """The chunk loop's state: gradients, accumulators and the group left open across chunks."""
 
     def __init__(self, hidden, weight, labels, bias, sched, members, shared_factor, coefficients, needs_hidden,
-                 needs_weight, needs_bias, slots, rows_per_chunk):
+                 needs_weight, needs_bias, slots, rows_per_chunk, transform: LogitTransform = IDENTITY):
         n_tokens, width = hidden.shape
         vocab = weight.shape[0]
         self.acc = _acc_dtype(hidden.dtype)
@@ -122,6 +126,7 @@ class _Walk:
         self.cd = hidden.dtype if hidden.is_cuda else self.acc
         self.hidden, self.weight = hidden, weight.to(self.cd)
         self.labels, self.sched, self.coefficients = labels, sched, coefficients
+        self.transform = transform
         self.bias = None if bias is None else bias.to(self.acc)
         self.prefactor = None if shared_factor is None else shared_factor.to(hidden.device, self.acc)
         opts = dict(device=hidden.device, dtype=self.acc)
@@ -158,7 +163,8 @@ class _Walk:
         h = self.hidden_rows(k0, k1)
         z = self.buf[:k1 - k0]
         _mm_into(z, h, self.weight.t())
-        self.token_logps[rows] = _native.grad_epilogue(z, self.labels[rows], self.bias, self.cd)
+        self.token_logps[rows] = _native.grad_epilogue(z, self.labels[rows], self.bias, self.cd,
+                                                       self.transform.scale, self.transform.cap)
         dz = z if self.cd == z.dtype else z.view(self.cd)[:, :z.shape[1]]
         c = self.coefficients(self.token_logps) if known_end > k0 else None
         f = self.factors(c, k0, known_end, k1)
@@ -218,10 +224,11 @@ class _Walk:
 def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
                 members: Tensor, shared_factor: Optional[Tensor], slots: int,
                 coefficients: Callable[[Tensor], Tensor], needs_hidden: bool, needs_weight: bool,
-                needs_bias: bool, budget_bytes: int) -> SinglePassResult:
+                needs_bias: bool, budget_bytes: int, transform: LogitTransform = IDENTITY) -> SinglePassResult:
     """hidden [S, T, H], weight [V, H], labels [S, T] int64, bias [V] | None; members [groups, G] and
     shared_factor [S] | None from `coefficient_groups`; coefficients(token_logps [S*T]) -> c [S],
     exact for every sequence whose group is completely scored (the others' entries are ignored).
+    Token log-probs are of the transformed logits z = transform(h W^T + b) (mio_kernels/transform.py).
     Returns the token log-probs and the gradients of sum_t c_s(t) logp_t. Raises ValueError when
     the accumulators do not fit budget_bytes (see `chunk_rows`)."""
     num_seq, seq_len, width = hidden.shape
@@ -237,7 +244,7 @@ def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
                          f"{min(MIN_CHUNK_ROWS, len(sched.rows_cpu))} logits rows of {vocab} must fit beside them")
     walk = _Walk(hidden.reshape(-1, width), weight, labels.reshape(-1), bias, sched, members, shared_factor,
                  coefficients,
-                 needs_hidden, needs_weight, needs_bias, slots, rows)
+                 needs_hidden, needs_weight, needs_bias, slots, rows, transform)
     for k0 in range(0, len(sched.rows_cpu), rows):
         walk.chunk(k0, min(k0 + rows, len(sched.rows_cpu)))
     return SinglePassResult(
