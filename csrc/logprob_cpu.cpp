@@ -163,10 +163,14 @@ inline std::pair<double, double> sums_impl(int64_t V, T m, ZF zf) {
   return {s, w};
 }
 
+// z = cap * tanh(u), u = scale * x.
+template <typename T>
+inline T softcap_of(T u, T cap) { return cap * tanh_from(u, exp_any(T(-2) * std::fabs(u))); }
+
 // Softcapped row held as u = scale * x: z_j = cap * tanh(u_j) on the fly.
 template <typename T>
 inline std::pair<double, double> softcap_sums_impl(const T* u, int64_t V, T m, T cap) {
-  return sums_impl<T>(V, m, [=](int64_t j) { return cap * tanh_from(u[j], exp_any(T(-2) * std::fabs(u[j]))); });
+  return sums_impl<T>(V, m, [=](int64_t j) { return softcap_of(u[j], cap); });
 }
 
 // u_j <- dZ_j * dz/dx_j, dZ_j = -p_j * (g + ge * ((z_j - m) - mu)), p_j = exp(z_j - m) * inv_s; the
@@ -191,7 +195,7 @@ inline void grad_impl(T* u, int64_t V, T m, T inv_s, T g, T ge, T mu, T scale, T
 template <typename T>
 inline void transform_impl(T* z, int64_t V, T scale, T cap) {
   if (cap > T(0)) {
-    for (int64_t j = 0; j < V; ++j) z[j] = cap * tanh_from(scale * z[j], exp_any(T(-2) * std::fabs(scale * z[j])));
+    for (int64_t j = 0; j < V; ++j) z[j] = softcap_of(scale * z[j], cap);
   } else {
     for (int64_t j = 0; j < V; ++j) z[j] *= scale;
   }
@@ -319,29 +323,36 @@ void backward_epilogue(acc_t* Z, int64_t n, int64_t V, const int64_t* rows,
   });
 }
 
+// One row of backward_epilogue_general: z (the raw logits x) <- g * dlogp/dx + ge * dentropy/dx;
+// returns logp = log softmax(transform(x))[y]. A softcapped row is held as u = scale * x, z = cap *
+// tanh(u) recomputed per sweep, so that dz/dx comes from u (exact where tanh saturates); its max is
+// cap * tanh(max u) (tanh increases).
+template <typename acc_t>
+acc_t transformed_grad_row(acc_t* z, int64_t V, int64_t y, acc_t g, acc_t g_h, const Transform& tf) {
+  const bool softcap = tf.cap > 0;
+  if (tf.scale != 1.0) row_scale(z, V, static_cast<acc_t>(tf.scale));
+  acc_t m = row_max(z, V);
+  if (softcap) m = static_cast<acc_t>(tf.cap * std::tanh(static_cast<double>(m)));
+  const std::pair<double, double> sw = softcap ? row_softcap_sums(z, V, m, tf.cap)
+                                       : g_h != acc_t(0) ? row_sumexp_moment(z, V, m)
+                                                         : std::make_pair(row_sumexp(z, V, m), 0.0);
+  const acc_t u_label = z[y];
+  const acc_t z_label = softcap ? softcap_of(u_label, static_cast<acc_t>(tf.cap)) : u_label;
+  row_grad_general(z, V, m, static_cast<acc_t>(1.0 / sw.first), g, g_h, static_cast<acc_t>(sw.second / sw.first),
+                   tf.scale, tf.cap);
+  z[y] += g * transform_slope(u_label, tf);
+  return (z_label - m) - static_cast<acc_t>(std::log(sw.first));  // as in forward_epilogue
+}
+
 // backward_epilogue with a transform and/or an entropy gradient `ge` (nullptr: none):
-// dX = dz/dx * (g * (onehot - p) - ge * p * (z - E_p[z])), z the transformed logits. A softcapped
-// row is held as u = scale * x, z = cap * tanh(u) recomputed per sweep, so that dz/dx comes from
-// u (exact where tanh saturates); its max is cap * tanh(max u) (tanh increases).
+// dX = dz/dx * (g * (onehot - p) - ge * p * (z - E_p[z])), z the transformed logits.
 template <typename acc_t>
 void backward_epilogue_general(acc_t* Z, int64_t n, int64_t V, const int64_t* rows, const int64_t* labels,
                                const acc_t* grad, const acc_t* ge, const Transform& tf) {
-  const bool softcap = tf.cap > 0;
   at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
-      acc_t* z = Z + i * V;
-      if (tf.scale != 1.0) row_scale(z, V, static_cast<acc_t>(tf.scale));
-      acc_t m = row_max(z, V);
-      if (softcap) m = static_cast<acc_t>(tf.cap * std::tanh(static_cast<double>(m)));
-      const acc_t g_h = ge == nullptr ? acc_t(0) : ge[r];
-      const std::pair<double, double> sw = softcap ? row_softcap_sums(z, V, m, tf.cap)
-                                           : g_h != acc_t(0) ? row_sumexp_moment(z, V, m)
-                                                             : std::make_pair(row_sumexp(z, V, m), 0.0);
-      const acc_t u_label = z[labels[r]];
-      row_grad_general(z, V, m, static_cast<acc_t>(1.0 / sw.first), grad[r], g_h,
-                       static_cast<acc_t>(sw.second / sw.first), tf.scale, tf.cap);
-      z[labels[r]] += grad[r] * transform_slope(u_label, tf);
+      transformed_grad_row(Z + i * V, V, labels[r], grad[r], ge == nullptr ? acc_t(0) : ge[r], tf);
     }
   });
 }
@@ -579,7 +590,8 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor&
 namespace mio {
 
 template <typename acc_t>
-acc_t softmax_grad_row_impl(acc_t* z, int64_t V, int64_t y) {
+acc_t softmax_grad_row_impl(acc_t* z, int64_t V, int64_t y, const Transform& tf) {
+  if (!tf.identity()) return transformed_grad_row(z, V, y, acc_t(1), acc_t(0), tf);
   const acc_t m = row_max(z, V);
   const acc_t zy = z[y];
   const double s = row_exp_inplace(z, V, m);
@@ -589,7 +601,11 @@ acc_t softmax_grad_row_impl(acc_t* z, int64_t V, int64_t y) {
   return (zy - m) - log_s;  // as in forward_epilogue: keeps the digits m + log_s would lose
 }
 
-float softmax_grad_row(float* z, int64_t vocab, int64_t y) { return softmax_grad_row_impl(z, vocab, y); }
-double softmax_grad_row(double* z, int64_t vocab, int64_t y) { return softmax_grad_row_impl(z, vocab, y); }
+float softmax_grad_row(float* z, int64_t vocab, int64_t y, const Transform& tf) {
+  return softmax_grad_row_impl(z, vocab, y, tf);
+}
+double softmax_grad_row(double* z, int64_t vocab, int64_t y, const Transform& tf) {
+  return softmax_grad_row_impl(z, vocab, y, tf);
+}
 
 }  // namespace mio

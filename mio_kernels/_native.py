@@ -45,7 +45,8 @@ def _require():
     return _C
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation (softmax statistics, gradient accumulators) dtype for inputs of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -60,7 +61,7 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
 @_forward_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, scale, cap, with_entropy, budget_bytes):
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     cols = 3 if with_entropy else 2
     return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty((hidden.shape[0], cols), dtype=acc)
 
@@ -114,10 +115,11 @@ def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ign
 
 
 def grad_epilogue(logits: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-                  dz_dtype: torch.dtype) -> torch.Tensor:
-    """The single-pass epilogue, in place over logits [n, V] (fp32, fp64 for fp64 inputs; bias
-    not yet added): returns logp [n] of labels [n] (all scored, in [0, V)) and leaves
-    dZ = onehot(labels) - softmax(logits + bias) in the buffer, in dz_dtype: the logits' dtype,
-    or on CUDA bf16/fp16, written into the first half of each fp32 row."""
+                  dz_dtype: torch.dtype, scale: float = 1.0, cap: float = 0.0) -> torch.Tensor:
+    """The single-pass epilogue, in place over the raw logits x [n, V] (fp32, fp64 for fp64 inputs;
+    bias not yet added), z = cap * tanh(scale * (x + bias)) (cap > 0) or scale * (x + bias): returns
+    logp [n] of labels [n] (all scored, in [0, V)) in z and leaves dX = (onehot(labels) - softmax(z))
+    * dz/dx in the buffer, in dz_dtype: the logits' dtype, or on CUDA bf16/fp16, written into the
+    first half of each fp32 row."""
     _require()
-    return torch.ops.mio_native.grad_epilogue(logits, labels, bias, dz_dtype)
+    return torch.ops.mio_native.grad_epilogue(logits, labels, bias, dz_dtype, float(scale), float(cap))

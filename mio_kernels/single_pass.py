@@ -5,8 +5,10 @@
 "single_pass" the gradient is formed in the forward while each chunk's logits are in memory
               (mio_kernels/backends/single_pass.py); the backward only scales the saved dH, dW,
               db by the incoming scalar gradient: 6 N H V FLOPs, hidden and weight read once.
-              Native backend only (the Triton kernels stream the vocabulary with an online
-              logsumexp, so no pass holds a row's dZ). Needs fp32 [V, H] accumulators:
+              Any logit transform (temperature, logit_scale, final_logit_softcapping) is applied
+              in its epilogue, dz/dx included. Native backend only (the Triton kernels stream the
+              vocabulary with an online logsumexp, so no pass holds a row's dZ). Needs fp32
+              [V, H] accumulators:
                   bytes = slots * (V * H [weight grad] + V [bias grad]) * 4   (8 for fp64)
               counted against the native chunk budget (`chunk_budget_bytes`), beside at least
               min(64, S * T) logits rows of V * 4 bytes. slots (`coefficient_groups`):
@@ -14,8 +16,8 @@
                   1       difference losses (dpo, ipo, hinge, robust) at K = 1 without SFT term
                   1 + K   otherwise (dpo / ipo / hinge / robust with K > 1 or sft_weight > 0)
               and 0 when the weight and bias need no gradient (only dH: 4 N H V FLOPs).
-"auto"        single_pass when a gradient is needed, the backend is native and the accumulators
-              fit the budget; else recompute.
+"auto"        single_pass when a gradient is needed, the backend is native, the call is not being
+              traced by torch.compile and the accumulators fit the budget; else recompute.
 Forward-only calls (no input requires grad, or under torch.no_grad) never do gradient work.
 """
 from __future__ import annotations
@@ -60,8 +62,8 @@ def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, l
 
 
 def _unsupported_option(cfg: PreferenceConfig) -> Optional[str]:
-    if not cfg.transform.identity:
-        return "its epilogue applies no logit transform (temperature, logit_scale, final_logit_softcapping) yet"
+    if torch.compiler.is_compiling():  # its chunk schedule is read from the labels on the host
+        return "torch.compile cannot trace it (data-dependent schedule)"
     return None
 
 
@@ -107,7 +109,8 @@ class SinglePassPreferenceLossFunction(torch.autograd.Function):
         groups: CoefficientGroups = coefficient_groups(cfg, labels, cu_seqlens)
         result = single_pass(hidden, weight, labels, bias, cu_seqlens, cfg.ignore_index, groups.members,
                              groups.shared_factor, groups.accumulator_slots, coefficients, ctx.needs_input_grad[0],
-                             ctx.needs_input_grad[1], ctx.needs_input_grad[3], _budget_bytes(hidden.device))
+                             ctx.needs_input_grad[1], ctx.needs_input_grad[3], _budget_bytes(hidden.device),
+                             cfg.transform)
         policy = reduce(result.token_logps)
         if check_values:
             check_finite_result(policy.logps, hidden=hidden, weight=weight, bias=bias)

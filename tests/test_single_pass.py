@@ -1,5 +1,6 @@
 """backward_mode: the single-pass gradient (native backend) against recompute and the float64 reference,
-the loss coupling flags it relies on, how `auto` chooses, and the CUDA epilogue compiling with plain nvcc.
+with and without a logit transform, the loss coupling flags it relies on, how `auto` chooses, and the
+CUDA epilogue compiling with plain nvcc.
 
 Relative error bounds against the float64 reference as in test_fused.py: 1e-5 in fp32, 2e-2 in bf16.
 """
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import mio_kernels.backends.single_pass as walk
-from mio_kernels import FusedMIOLoss, fused_mio_loss
+from mio_kernels import FusedMIOLoss, _native, fused_mio_loss
 from mio_kernels.backends import available_kernel_backends
 from mio_kernels.backends.native_backend import set_chunk_budget_bytes
 from mio_kernels.losses import LOSSES
@@ -17,6 +18,7 @@ from mio_kernels.objective import PreferenceConfig, coefficient_groups, preferen
 from mio_kernels.reference import reference_preference_loss
 from mio_kernels.sequence import reduce_sequences
 from mio_kernels.single_pass import resolve_backward_mode
+from mio_kernels.transform import LogitTransform, transform_logits
 
 from conftest import NVCC, nvcc_ptxas_report
 IGNORE = -100
@@ -81,17 +83,18 @@ def test_coefficient_groups_slots():
 # ---------------------------------------------------------------- exactness
 
 
-def make_inputs(k, dtype, *, prompts=2, t=9, h=32, v=1009, bias=True, mask_rows=(), prompt_len=None):
+def make_inputs(k, dtype, *, prompts=2, t=9, h=32, v=1009, bias=True, mask_rows=(), prompt_len=None, scale=1.0):
+    """scale: of the raw logits (weight and bias), e.g. large enough for softcapping to saturate."""
     s = prompts * (1 + k)
     hidden = torch.randn(s, t, h, dtype=torch.float64)
-    weight = torch.randn(v, h, dtype=torch.float64) / math.sqrt(h)
+    weight = torch.randn(v, h, dtype=torch.float64) * (scale / math.sqrt(h))
     labels = torch.randint(0, v, (s, t))
     prompt_len = torch.randint(0, max(t - 1, 1), (s,)) if prompt_len is None else torch.tensor(prompt_len)
     labels[torch.arange(t)[None, :] < prompt_len[:, None]] = IGNORE
     for row in mask_rows:
         labels[row] = IGNORE
     return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), labels=labels,
-                bias=torch.randn(v, dtype=torch.float64).to(dtype) if bias else None,
+                bias=(torch.randn(v, dtype=torch.float64) * scale).to(dtype) if bias else None,
                 ref_logps=-torch.rand(s) * t * 5)
 
 
@@ -138,8 +141,13 @@ def test_single_pass_matches_recompute_and_reference(loss_type, case, dtype, mon
     inputs = make_inputs(k, dtype, mask_rows=mask_rows)
     if options.get("reference_free"):
         inputs.pop("ref_logps")
-    options = dict(options, loss_type=loss_type, num_negatives=k, beta=0.3)
-    if loss_type == "robust":
+    compare_modes(inputs, dtype, dict(options, loss_type=loss_type, num_negatives=k))
+
+
+def compare_modes(inputs, dtype, options):
+    """single_pass against recompute (fp32: 2e-6) and the float64 reference (TOL), forward and backward."""
+    options = dict(options, beta=0.3)
+    if options["loss_type"] == "robust":
         options["label_smoothing"] = 0.1
     single, out = run(inputs, backend="native", backward_mode="single_pass", **options)
     assert "SinglePass" in type(out.loss.grad_fn).__name__
@@ -153,6 +161,65 @@ def test_single_pass_matches_recompute_and_reference(loss_type, case, dtype, mon
         assert err <= TOL[dtype], f"{name}: single pass vs float64 reference {err:.3g}"
         if dtype == torch.float32:
             assert rel(a, b) <= 2e-6, f"{name}: single pass vs recompute {rel(a, b):.3g}"
+
+
+# (options, k, bias, raw-logit scale, rows per chunk): softcapped rows with raw logits ~1e2 saturate
+# tanh for much of the vocabulary (dz/dx < 5e-7 there, taken from exp(-2|u|)).
+TRANSFORM_CASES = [
+    (dict(temperature=0.7), 1, True, 1.0, None),
+    (dict(logit_scale=1.7), 1, False, 1.0, 4),
+    (dict(final_logit_softcapping=3.0), 1, True, 40.0, None),
+    (dict(final_logit_softcapping=5.0, temperature=0.9), 1, False, 60.0, 5),
+    (dict(logit_scale=-1.5, final_logit_softcapping=2.0), 2, False, 8.0, 4),
+    (dict(temperature=1.3, logit_scale=0.8, final_logit_softcapping=4.0), 2, True, 1.0, 23),
+]
+TRANSFORM_IDS = ["temperature", "scale-nobias", "softcap-saturated", "softcap-saturated-nobias",
+                 "negscale-softcap-k2-nobias", "all-k2"]
+
+
+@needs_native
+@pytest.mark.parametrize("case,dtype", [(c, torch.float32) for c in range(len(TRANSFORM_CASES))]
+                         + [(len(TRANSFORM_CASES) - 1, torch.bfloat16)],
+                         ids=[f"{n}-fp32" for n in TRANSFORM_IDS] + ["all-k2-bf16"])
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_single_pass_with_logit_transform(loss_type, case, dtype, monkeypatch):
+    """The epilogue applies the transform: logp of z = transform(x) and dX = (onehot - softmax(z)) dz/dx."""
+    options, k, bias, scale, rows = TRANSFORM_CASES[case]
+    if rows is not None:
+        monkeypatch.setattr(walk, "chunk_rows", lambda *args: rows)
+    inputs = make_inputs(k, dtype, bias=bias, scale=scale, h=48 if dtype == torch.bfloat16 else 32)
+    if scale > 10:  # the saturated regime is really exercised
+        x = inputs["hidden"].double() @ inputs["weight"].double().T
+        assert (x.abs() / options["final_logit_softcapping"] > 8).double().mean() > 0.3   # 1 - tanh^2 < 5e-7
+    compare_modes(inputs, dtype, dict(options, loss_type=loss_type, num_negatives=k))
+
+
+EPILOGUE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _native.with_cuda() else [])
+
+
+@needs_native
+@pytest.mark.parametrize("device", EPILOGUE_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("options,scale", [({}, 1.0), (dict(temperature=0.6, logit_scale=-1.3), 1.0),
+                                           (dict(final_logit_softcapping=3.0, temperature=0.8), 30.0)],
+                         ids=["identity", "scaled", "softcap-saturated"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_grad_epilogue_op(device, dtype, options, scale, with_bias):
+    """The op alone: logp of z = transform(x + b) and dX = (onehot - softmax(z)) dz/dx, against float64
+    autograd through the plain-PyTorch transform."""
+    tf = LogitTransform.of(**options)
+    x = torch.randn(7, 1009, dtype=torch.float64) * scale
+    bias = torch.randn(1009, dtype=torch.float64) * scale if with_bias else None
+    labels = torch.randint(0, 1009, (7,))
+    exact_x = x.clone().requires_grad_()
+    exact = torch.log_softmax(transform_logits(exact_x + (0 if bias is None else bias), tf), -1)
+    exact = exact.gather(1, labels[:, None]).squeeze(1)
+    exact.sum().backward()
+    buf = x.to(device, dtype, copy=True)
+    logp = _native.grad_epilogue(buf, labels.to(device), None if bias is None else bias.to(device, dtype), dtype,
+                                 tf.scale, tf.cap)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel(logp.cpu(), exact.detach()) <= tol and rel(buf.cpu(), exact_x.grad) <= tol
 
 
 @needs_native
@@ -277,20 +344,6 @@ def test_bad_backward_mode_and_unsupported_backend():
         fused_mio_loss(**inputs, backend="reference", backward_mode="single_pass")
 
 
-@needs_native
-def test_transformed_calls_take_the_two_pass_path():
-    """Not yet in the single pass: logit transforms. auto falls back (and the result is exact); an
-    explicit single_pass says why."""
-    inputs = {k: (v.detach().clone().requires_grad_() if k in ("hidden", "weight") else v)
-              for k, v in make_inputs(1, torch.float32).items()}
-    call = dict(inputs, temperature=0.7)
-    with pytest.raises(ValueError, match="logit transform"):
-        fused_mio_loss(**call, backend="native", backward_mode="single_pass")
-    auto = fused_mio_loss(**call, backend="native", backward_mode="auto")
-    recompute = fused_mio_loss(**call, backend="native", backward_mode="recompute")
-    assert torch.equal(auto.loss, recompute.loss)
-
-
 # ---------------------------------------------------------------- packed sequences (cu_seqlens)
 
 
@@ -356,6 +409,36 @@ def test_packed_equals_padded_single_pass():
     b, _ = run(packed, backend="native", backward_mode="single_pass", loss_type="dpo")
     for x, y in zip(a, b):
         assert rel(x.reshape(y.shape), y) <= 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("options", [TRANSFORM_CASES[0][0], TRANSFORM_CASES[-1][0]], ids=["temperature", "all"])
+def test_auto_takes_the_single_pass_for_a_transformed_head(options):
+    inputs = {k: (v.detach().clone().requires_grad_() if k in ("hidden", "weight") else v)
+              for k, v in make_inputs(1, torch.float32).items()}
+    cfg = PreferenceConfig(loss_type="mio", **options)
+    assert resolve_backward_mode("auto", "native", cfg, inputs["hidden"], inputs["weight"], inputs["labels"],
+                                 inputs["bias"]) == "single_pass"
+    auto = fused_mio_loss(**inputs, backend="native", backward_mode="auto", **options)
+    assert "SinglePass" in type(auto.loss.grad_fn).__name__
+
+
+@needs_native
+def test_auto_under_torch_compile_takes_recompute():
+    """The single pass reads its schedule from the labels on the host: a traced call takes recompute
+    (fullgraph, no break) and gives eager's result."""
+    inputs = make_inputs(2, torch.float32, v=301)
+
+    def loss(hidden, weight):
+        return fused_mio_loss(hidden, weight, inputs["labels"], bias=inputs["bias"], ref_logps=inputs["ref_logps"],
+                              num_negatives=2, backend="native", backward_mode="auto", check_values=False).loss
+
+    torch._dynamo.reset()
+    leaves = [inputs[k].clone().requires_grad_() for k in ("hidden", "weight")]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves)
+    eager = loss(*leaves)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    assert "SinglePass" in type(eager.grad_fn).__name__
 
 
 # ---------------------------------------------------------------- CUDA epilogue: compile-only here

@@ -26,10 +26,11 @@ mio_cuda::DType cuda_dtype(at::ScalarType t) {
 }
 
 // logits [n, V] fp32/fp64 (bias not yet added), labels [n] int64, bias [V] | None in logits'
-// dtype -> logp [n]; dZ = onehot - softmax over the logits in dz_dtype (logits' dtype, or
-// bf16/fp16 for fp32 logits: the first half of each fp32 row).
+// dtype, transform (scale, cap) -> logp [n] of z = transform(logits + bias); dX = (onehot -
+// softmax(z)) * dz/dx over the logits in dz_dtype (logits' dtype, or bf16/fp16 for fp32 logits:
+// the first half of each fp32 row).
 at::Tensor grad_epilogue_cuda(at::Tensor logits, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
-                              at::ScalarType dz_dtype) {
+                              at::ScalarType dz_dtype, double scale, double cap) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "grad_epilogue: logits must be a contiguous [n, V] tensor");
   const at::ScalarType acc = logits.scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "grad_epilogue: logits must be float32 or float64, got ", acc);
@@ -48,8 +49,8 @@ at::Tensor grad_epilogue_cuda(at::Tensor logits, const at::Tensor& labels, const
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor logp = at::empty({n}, logits.options());
   C10_CUDA_CHECK(mio_cuda::grad_epilogue(logits.data_ptr(), n, V, labels.data_ptr<int64_t>(),
-                                         has_bias ? bias->data_ptr() : nullptr, cuda_dtype(acc), cuda_dtype(dz_dtype),
-                                         logp.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+                                         has_bias ? bias->data_ptr() : nullptr, scale, cap, cuda_dtype(acc),
+                                         cuda_dtype(dz_dtype), logp.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return logp;
 }
 

@@ -62,20 +62,6 @@ __device__ void block_max_sum(A& m, A& s, A& w) {
   w = sw[0];
 }
 
-// The logit transform (uniform branch): z = cap * tanh(scale * x) when cap > 0, else scale * x.
-// With e = exp(-2|u|), u = scale * x: tanh(u) = sign(u) (1 - e) / (1 + e) and dz/dx =
-// scale * cap * 4e / (1 + e)^2, exact where tanh saturates. Returns z, writes dz/dx to *slope.
-template <typename A>
-__device__ __forceinline__ A transform(A x, A scale, A cap, A* slope) {
-  if (cap > A(0)) {
-    const A u = scale * x, e = exp_acc(A(-2) * fabs(u));
-    *slope = A(4) * scale * cap * e / ((A(1) + e) * (A(1) + e));
-    return cap * copysign((A(1) - e) / (A(1) + e), u);
-  }
-  *slope = scale;
-  return scale * x;
-}
-
 template <typename A, typename TB, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const A* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ labels,

@@ -5,10 +5,13 @@ For every loss of the op, dL/dlogp_t is one number c_s for all scored tokens t o
 Per chunk of R scored token rows (GEMMs through ATen: CPU BLAS / cuBLAS; the row epilogue is the
 extension's mio_native::grad_epilogue):
 
-    Z = H_c W^T                              GEMM 1 (2 R H V FLOPs)
-    logp_t;  Z <- onehot(y) - softmax(Z + b)   epilogue, in place
-    dH_c = f * (Z W)                         GEMM 2
-    dW += Z^T (f * H_c)   or   A_j += ...    GEMM 3 (db likewise, a GEMV)
+    Z = H_c W^T                                  GEMM 1 (2 R H V FLOPs)
+    logp_t;  Z <- (onehot(y) - softmax(z)) dz/dZ   epilogue, in place; z = transform(Z + b)
+    dH_c = f * (Z W)                             GEMM 2
+    dW += Z^T (f * H_c)   or   A_j += ...        GEMM 3 (db likewise, a GEMV)
+
+(z: the scored logits of mio_kernels/transform.py, recomputed from Z inside the epilogue; dz/dZ is
+1 for the identity.)
 
 f is c_s for rows whose coefficient is known, else a known pre-factor p_s (1, or +-scale_s for a
 difference loss) and the rows' share of dW goes into an fp32 [V, H] accumulator A_j (slot j).
@@ -36,27 +39,24 @@ import torch
 from torch import Tensor
 
 from mio_kernels import _native
+from mio_kernels.transform import IDENTITY, LogitTransform
 
 # Below this many logits rows per chunk the GEMMs lose most of their efficiency and the
 # recompute path (whose chunk gets the whole budget) is faster.
 MIN_CHUNK_ROWS = 64
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def accumulator_bytes(slots: int, vocab: int, hidden_size: int, dtype: torch.dtype, needs_weight: bool,
                       needs_bias: bool) -> int:
     """Bytes of the [slots, V, H] (+ [slots, V]) accumulators of a single pass in `dtype`'s precision."""
-    elem = _acc_dtype(dtype).itemsize
+    elem = _native.accumulation_dtype(dtype).itemsize
     return slots * ((vocab * hidden_size if needs_weight else 0) + (vocab if needs_bias else 0)) * elem
 
 
 def chunk_rows(budget_bytes: int, acc_bytes: int, vocab: int, dtype: torch.dtype, scored_rows: int) -> Optional[int]:
     """Logits rows per chunk once the accumulators are paid for; None when fewer than
     min(MIN_CHUNK_ROWS, scored_rows) rows fit (the single pass does not fit the budget)."""
-    rows = (budget_bytes - acc_bytes) // (vocab * _acc_dtype(dtype).itemsize)
+    rows = (budget_bytes - acc_bytes) // (vocab * _native.accumulation_dtype(dtype).itemsize)
     if rows < max(1, min(MIN_CHUNK_ROWS, scored_rows)):
         return None
     return int(max(1, min(rows, scored_rows)))
@@ -131,14 +131,15 @@ class _Walk:
     """The chunk loop's state: gradients, accumulators and the group left open across chunks."""
 
     def __init__(self, hidden, weight, labels, bias, sched, members, shared_factor, coefficients, needs_hidden,
-                 needs_weight, needs_bias, slots, rows_per_chunk):
+                 needs_weight, needs_bias, slots, rows_per_chunk, transform: LogitTransform = IDENTITY):
         n_tokens, width = hidden.shape
         vocab = weight.shape[0]
-        self.acc = _acc_dtype(hidden.dtype)
+        self.acc = _native.accumulation_dtype(hidden.dtype)
         # CPU computes in fp32/fp64 throughout; cuBLAS takes 16-bit operands with fp32 accumulation.
         self.cd = hidden.dtype if hidden.is_cuda else self.acc
         self.hidden, self.weight = hidden, weight.to(self.cd)
         self.labels, self.sched, self.coefficients = labels, sched, coefficients
+        self.transform = transform
         self.bias = None if bias is None else bias.to(self.acc)
         self.prefactor = None if shared_factor is None else shared_factor.to(hidden.device, self.acc)
         opts = dict(device=hidden.device, dtype=self.acc)
@@ -175,7 +176,8 @@ class _Walk:
         h = self.hidden_rows(k0, k1)
         z = self.buf[:k1 - k0]
         _mm_into(z, h, self.weight.t())
-        self.token_logps[rows] = _native.grad_epilogue(z, self.labels[rows], self.bias, self.cd)
+        self.token_logps[rows] = _native.grad_epilogue(z, self.labels[rows], self.bias, self.cd,
+                                                       self.transform.scale, self.transform.cap)
         dz = z if self.cd == z.dtype else z.view(self.cd)[:, :z.shape[1]]
         c = self.coefficients(self.token_logps) if known_end > k0 else None
         f = self.factors(c, k0, known_end, k1)
@@ -235,11 +237,12 @@ class _Walk:
 def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor],
                 ignore_index: int, members: Tensor, shared_factor: Optional[Tensor], slots: int,
                 coefficients: Callable[[Tensor], Tensor], needs_hidden: bool, needs_weight: bool,
-                needs_bias: bool, budget_bytes: int) -> SinglePassResult:
+                needs_bias: bool, budget_bytes: int, transform: LogitTransform = IDENTITY) -> SinglePassResult:
     """hidden [S, T, H], weight [V, H], labels [S, T] int64 (or packed: hidden [N, H], labels [N] and
     cu_seqlens [S + 1]), bias [V] | None; members [groups, G] and
     shared_factor [S] | None from `coefficient_groups`; coefficients(token_logps [S*T]) -> c [S],
     exact for every sequence whose group is completely scored (the others' entries are ignored).
+    Token log-probs are of the transformed logits z = transform(h W^T + b) (mio_kernels/transform.py).
     Returns the token log-probs and the gradients of sum_t c_s(t) logp_t. Raises ValueError when
     the accumulators do not fit budget_bytes (see `chunk_rows`)."""
     width, vocab = hidden.shape[-1], weight.shape[0]
@@ -256,7 +259,7 @@ def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
                          f"{min(MIN_CHUNK_ROWS, len(sched.rows_cpu))} logits rows of {vocab} must fit beside them")
     walk = _Walk(hidden.reshape(-1, width), weight, labels.reshape(-1), bias, sched, members, shared_factor,
                  coefficients,
-                 needs_hidden, needs_weight, needs_bias, slots, rows)
+                 needs_hidden, needs_weight, needs_bias, slots, rows, transform)
     for k0 in range(0, len(sched.rows_cpu), rows):
         walk.chunk(k0, min(k0 + rows, len(sched.rows_cpu)))
     return SinglePassResult(
