@@ -144,8 +144,8 @@ def test_single_pass_matches_recompute_and_reference(loss_type, case, dtype, mon
     compare_modes(inputs, dtype, dict(options, loss_type=loss_type, num_negatives=k))
 
 
-def compare_modes(inputs, dtype, options):
-    """single_pass against recompute (fp32: 2e-6) and the float64 reference (TOL), forward and backward."""
+def compare_modes(inputs, dtype, options, agree=2e-6):
+    """single_pass against recompute (fp32: `agree`) and the float64 reference (TOL), forward and backward."""
     options = dict(options, beta=0.3)
     if options["loss_type"] == "robust":
         options["label_smoothing"] = 0.1
@@ -160,7 +160,7 @@ def compare_modes(inputs, dtype, options):
         err = ((a.double() - r).norm() / r.norm().clamp_min(floor)).item()
         assert err <= TOL[dtype], f"{name}: single pass vs float64 reference {err:.3g}"
         if dtype == torch.float32:
-            assert rel(a, b) <= 2e-6, f"{name}: single pass vs recompute {rel(a, b):.3g}"
+            assert rel(a, b) <= agree, f"{name}: single pass vs recompute {rel(a, b):.3g}"
 
 
 # (options, k, bias, raw-logit scale, rows per chunk): softcapped rows with raw logits ~1e2 saturate
@@ -191,7 +191,10 @@ def test_single_pass_with_logit_transform(loss_type, case, dtype, monkeypatch):
     if scale > 10:  # the saturated regime is really exercised
         x = inputs["hidden"].double() @ inputs["weight"].double().T
         assert (x.abs() / options["final_logit_softcapping"] > 8).double().mean() > 0.3   # 1 - tanh^2 < 5e-7
-    compare_modes(inputs, dtype, dict(options, loss_type=loss_type, num_negatives=k))
+    # Where tanh saturates, dz/dx ~ 4 exp(-2|u|) turns a rounding difference e in the logits (the
+    # two modes' GEMMs block differently) into a relative 2|u| e in the gradient: |u| ~ 10 here.
+    compare_modes(inputs, dtype, dict(options, loss_type=loss_type, num_negatives=k),
+                  agree=1e-5 if scale > 10 else 2e-6)
 
 
 EPILOGUE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _native.with_cuda() else [])
