@@ -248,9 +248,8 @@ def run_impl(impl: Impl, case: Case, settings: dict, store: TargetStore, role: s
                                                            min_total_s=settings["min_time_s"])))
             inputs.hidden.grad = inputs.weight.grad = None
             row.update(measure.peak_extra_bytes(run, device))
-            row["tflops"] = measure.flops(shape.N, shape.H, shape.V) / row["median_s"] / 1e12
-            if gemm_flop(impl.name, shape.N, shape.H, shape.V) is not None:
-                row["gemm_flop"] = gemm_flop(impl.name, shape.N, shape.H, shape.V)
+            row["gemm_flop"] = gemm_flop(impl.name, inputs, loss_type)
+            row["tflops"] = row["gemm_flop"] / row["median_s"] / 1e12
             row["status"] = "ok"
             row["load_avg_1m"] = measure.load_average()
             row["native_build"] = measure.native_build()
@@ -430,8 +429,8 @@ def main(argv=None) -> dict:
     on_cuda = device.type == "cuda"
     losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
     cases = parse_shapes(args.shapes, losses) if args.shapes else default_sweep(device.type, args.quick, losses)
-    impl_names = args.impls or ("naive,compiled,liger,cce,ours" if dtype == torch.float32
-                                else "naive,naive_dtype,compiled,liger,cce,ours")
+    impl_names = args.impls or ("naive," + ("" if dtype == torch.float32 else "naive_dtype,")
+                                + "compiled,liger,cce,trl,ours,native_single_pass,native_recompute")
     impls, primary = select_impls([x.strip() for x in impl_names.split(",") if x.strip()], device, args.ours)
     subprocesses = device.type == "cpu" and not args.in_process
     max_minutes = args.max_minutes if args.max_minutes is not None else (9.0 if on_cuda else None)

@@ -26,7 +26,8 @@ What each one computes (all: sum of token log-probs per sequence, beta, mean ove
   <backend> ours: fused_mio_loss(backend=<backend>) for each available kernel backend.
   native_single_pass / native_recompute
             ours on the native backend with backward_mode forced: the gradient formed in the forward
-            (6 N H V GEMM FLOPs) or recomputed in the backward (8 N H V). `gemm_flop` of each row.
+            (6 N H V GEMM FLOPs) or recomputed in the backward (8 N H V).
+LM-head GEMM FLOPs each row actually does: `gemm_flop`.
 """
 from __future__ import annotations
 
@@ -214,9 +215,31 @@ _BUILDERS = {"naive": _build_naive, "naive_dtype": _build_naive_dtype, "compiled
              **{name: _build_ours(backend, mode) for name, (backend, mode, _) in BACKWARD_MODE_IMPLS.items()}}
 
 
-def gemm_flop(name: str, n: int, h: int, v: int) -> Optional[float]:
-    """The LM-head GEMM FLOPs one fwd+bwd step of `name` does, where known (ours with a forced mode)."""
-    return BACKWARD_MODE_IMPLS[name][2] * float(n) * h * v if name in BACKWARD_MODE_IMPLS else None
+# LM-head GEMM FLOPs of one fwd+bwd, in units of N H V (2 per GEMM: logits, dH, dW, and the logits
+# again where the backward recomputes them). 6: the logits (or the gradient) formed once — naive and
+# compiled keep the logits; Liger forms each pair's gradient in its forward (torch.func.grad_and_value
+# per chunk, a pair's logits held); CCE's CPU fallback (impl="torch_compile") keeps them. 8: the
+# backward recomputes them — TRL's head, CCE's CUDA kernel (less the blocks its gradient filter skips).
+PEER_GEMM_FACTOR = {"naive": 6, "naive_dtype": 6, "compiled": 6, "liger": 6, "trl": 8}
+
+
+def gemm_flop(name: str, inputs: Inputs, loss_type: str) -> float:
+    """The LM-head GEMM FLOPs one fwd+bwd step of `name` does on these inputs (ours with
+    backward_mode="auto": what it resolves to for them)."""
+    n, h, v = inputs.labels.numel(), inputs.weight.shape[1], inputs.weight.shape[0]
+    if name in BACKWARD_MODE_IMPLS:
+        factor = BACKWARD_MODE_IMPLS[name][2]
+    elif name == "cce":
+        factor = 8 if inputs.hidden.is_cuda else 6
+    elif name in PEER_GEMM_FACTOR:
+        factor = PEER_GEMM_FACTOR[name]
+    else:
+        from mio_kernels.objective import PreferenceConfig
+        from mio_kernels.single_pass import resolve_backward_mode
+        cfg = PreferenceConfig(**_loss_options(inputs, loss_type))
+        mode = resolve_backward_mode("auto", name, cfg, inputs.hidden, inputs.weight, inputs.labels, None)
+        factor = 6 if mode == "single_pass" else 8
+    return float(factor) * n * h * v
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,12 @@ def _check(check: Optional[dict]) -> str:
     return f"ok ({errs})" if status == "ok" else f"**FLAGGED** ({errs})"
 
 
+def _gemms(row: dict, shape: dict) -> str:
+    if "gemm_flop" not in row:
+        return ""
+    return f"{row['gemm_flop'] / (shape['N'] * shape['H'] * shape['V']):.3g}·NHV"
+
+
 def markdown(result: dict) -> str:
     env, settings = result["environment"], result["settings"]
     primary = settings["ours_primary"]
@@ -55,7 +61,7 @@ def markdown(result: dict) -> str:
         f"median [min, max] of at least {settings['repeats']} timed runs (more for small shapes, up to "
         f"{settings.get('min_time_s', 1.0):g} s in all) after at least {settings['warmup']} warm-up run(s). "
         f"`peak MiB`: extra memory of one fwd+bwd over the live inputs ({settings['memory_method']}), gradients "
-        f"included. `TFLOP/s` counts 8·N·H·V. Ratios are this row / ours (`{primary}`) for the same shape and loss "
+        f"included. `GEMMs`: the LM-head GEMM FLOPs the row does (6·N·H·V when the logits or the gradient are formed once, 8·N·H·V when the backward recomputes the logits); `TFLOP/s` counts those. Ratios are this row / ours (`{primary}`) for the same shape and loss "
         f"(time > 1: slower than ours; memory > 1: more than ours). `check`: loss and gradients against ours "
         f"before timing (relative errors of the sequence log-probs ℓ, the loss, dH and dW; the loss and gradients "
         f"are allowed 2·β·max|Δℓ| on top of their tolerance, since u = ℓ − ℓ_ref amplifies rounding in ℓ); "
@@ -86,21 +92,22 @@ def markdown(result: dict) -> str:
             by_shape = fl.get("gemm_flops_per_s_by_shape", {})
             detail = (" (logits " + ", dH ".join(f"{by_shape[k] / 1e12:.3g}" for k in ("logits", "d_hidden"))
                       + f", dW {by_shape['d_weight'] / 1e12:.3g})") if len(by_shape) == 3 else ""
-            out.append(f"Floors: compute {_ms(fl['compute_floor_s'])} ms at {fl['gemm_flops_per_s'] / 1e12:.3g} "
+            out.append(f"Floors: compute {_ms(fl['compute_floor_s'])} ms for 8·N·H·V, "
+                       f"{_ms(0.75 * fl['compute_floor_s'])} ms for 6·N·H·V, at {fl['gemm_flops_per_s'] / 1e12:.3g} "
                        f"TFLOP/s{detail}; memory traffic {_ms(fl['memory_floor_s'])} ms for {fl['min_bytes'] / MIB:,.0f} MiB "
                        f"at {fl['bandwidth_bytes_per_s'] / 1e9:.3g} GB/s.")
             out.append("")
-        out.append("| loss | implementation | fwd+bwd ms, median [min, max] | peak MiB | TFLOP/s | "
+        out.append("| loss | implementation | fwd+bwd ms, median [min, max] | peak MiB | GEMMs | TFLOP/s | "
                    "time / ours | memory / ours | check |")
-        out.append("|---|---|---|---:|---:|---:|---:|---|")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---|")
         for row in rows_by_shape[key]:
             if row["status"] != "ok":
                 out.append(f"| {row['loss']} | {row['label']} | {row['status']}: {row.get('reason', '')} "
-                           f"| | | | | |")
+                           f"| | | | | | |")
                 continue
             time_cell = f"{_ms(row['median_s'])} [{_ms(row['min_s'])}, {_ms(row['max_s'])}]"
             out.append(f"| {row['loss']} | {row['label']} | {time_cell} | {_mib(row['peak_extra_bytes'])} | "
-                       f"{row['tflops']:.3g} | {_ratio(row.get('time_vs_ours'))} | {_ratio(row.get('memory_vs_ours'))} "
+                       f"{_gemms(row, shape)} | {row['tflops']:.3g} | {_ratio(row.get('time_vs_ours'))} | {_ratio(row.get('memory_vs_ours'))} "
                        f"| {_check(row.get('check'))} |")
         out.append("")
     return "\n".join(out)
@@ -116,21 +123,21 @@ def summary(result: dict) -> str:
     primary = result["settings"]["ours_primary"]
     out = [f"**At the largest shape, {key} (N={biggest['N']:,}):** time and peak extra memory of each "
            f"implementation, and their ratios to ours (`{primary}`) and to naive.", "",
-           "| loss | implementation | fwd+bwd ms | peak MiB | time / ours | memory / ours | time / naive "
+           "| loss | implementation | fwd+bwd ms | peak MiB | GEMMs | time / ours | memory / ours | time / naive "
            "| memory / naive |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for loss in biggest["losses"]:
         rows = [r for r in result["rows"] if shape_key(r["shape"]) == key and r["loss"] == loss]
         naive = next((r for r in rows if r["impl"] == "naive" and r["status"] == "ok"), None)
         for r in rows:
             if r["status"] != "ok":
-                out.append(f"| {loss} | {r['label']} | {r['status']} | | | | | |")
+                out.append(f"| {loss} | {r['label']} | {r['status']} | | | | | | |")
                 continue
             t_naive = r["median_s"] / naive["median_s"] if naive else None
             m_naive = (r["peak_extra_bytes"] / naive["peak_extra_bytes"]
                        if naive and r.get("peak_extra_bytes") and naive.get("peak_extra_bytes") else None)
             out.append(f"| {loss} | {r['label']} | {_ms(r['median_s'])} | {_mib(r['peak_extra_bytes'])} | "
-                       f"{_ratio(r.get('time_vs_ours'))} | {_ratio(r.get('memory_vs_ours'))} | {_ratio(t_naive)} | "
+                       f"{_gemms(r, biggest)} | {_ratio(r.get('time_vs_ours'))} | {_ratio(r.get('memory_vs_ours'))} | {_ratio(t_naive)} | "
                        f"{_ratio(m_naive)} |")
     return "\n".join(out + [""])
 
