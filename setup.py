@@ -153,7 +153,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "train": ["transformers>=4.46", "datasets>=3.0", "tqdm", "matplotlib", "pyyaml"],
-        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "trl", "matplotlib"],
         "trl": ["trl>=1.16"],
         "test": ["pytest"],
     },
