@@ -72,3 +72,22 @@ def test_trl_fused_head_row_matches_the_target(tmp_path):
     rows = {row["impl"]: row for row in _rows(tmp_path, "trl")["rows"]}
     assert rows["trl"]["status"] == "ok", rows["trl"]
     assert rows["trl"]["check"]["status"] in ("target", "ok"), rows["trl"]["check"]
+
+
+def test_interleaved_rows_are_checked_and_count_their_gemms(tmp_path):
+    """bench_interleaved.py: ours first, every row checked against it, each row's GEMM FLOPs as it does
+    them (auto on the native backend takes the single pass here: 6 N H V; recompute and TRL's head 8)."""
+    import bench_interleaved
+
+    out = tmp_path / "interleaved.json"
+    result = bench_interleaved.main(["--shape", "2x16x8x64", "--impls", "native_recompute,naive,trl",
+                                     "--losses", "mio,dpo", "--rounds", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["losses"].keys() == {"mio", "dpo"}
+    nhv = 2 * 2 * 16 * 8 * 64
+    for rows in result["losses"].values():
+        assert list(rows) == ["native", "native_recompute", "naive", "trl"]
+        assert rows["native"]["best_vs_ours"] == 1.0
+        assert {name: row["gemm_flop"] / nhv for name, row in rows.items()} == {
+            "native": 6, "native_recompute": 8, "naive": 6, "trl": 8}
+        for row in rows.values():
+            assert row["check"]["status"] == "ok" and len(row["all_s"]) == 2 and row["gemm_floor_s"] > 0
