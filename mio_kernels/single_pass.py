@@ -61,12 +61,6 @@ def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, l
     return None
 
 
-def _unsupported_option(cfg: PreferenceConfig) -> Optional[str]:
-    if torch.compiler.is_compiling():  # its chunk schedule is read from the labels on the host
-        return "torch.compile cannot trace it (data-dependent schedule)"
-    return None
-
-
 def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfig, hidden: Tensor, weight: Tensor,
                           labels: Tensor, bias: Optional[Tensor]) -> str:
     """-> "single_pass" or "recompute" for this call (see the module docstring)."""
@@ -77,10 +71,10 @@ def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfi
         raise ValueError(f"backward_mode='single_pass' cannot run: backend={backend!r} has no single-pass backward "
                          f"(only {SINGLE_PASS_BACKENDS}: the Triton kernels stream the vocabulary with an online "
                          "logsumexp, so no pass holds a row's dZ); use backward_mode='auto' or 'recompute'")
-    unsupported = _unsupported_option(cfg)
-    if unsupported is not None:
+    if torch.compiler.is_compiling():  # the chunk schedule is read from the labels on the host
         if backward_mode == "single_pass":
-            raise ValueError(f"backward_mode='single_pass' cannot run: {unsupported}; use backward_mode='auto'")
+            raise ValueError("backward_mode='single_pass' cannot run: torch.compile cannot trace it (data-dependent "
+                             "schedule); use backward_mode='auto'")
         return "recompute"
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad or backend not in SINGLE_PASS_BACKENDS:

@@ -444,6 +444,15 @@ def test_auto_under_torch_compile_takes_recompute():
     assert "SinglePass" in type(eager.grad_fn).__name__
 
 
+@needs_native
+def test_explicit_single_pass_while_traced_is_refused(monkeypatch):
+    """While torch.compile traces, an explicit single_pass says why it cannot run (auto falls back)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match="backward_mode='single_pass' cannot run: torch.compile cannot trace it"):
+        _resolve("single_pass")
+    assert _resolve("auto") == "recompute"
+
+
 # ---------------------------------------------------------------- CUDA epilogue: compile-only here
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")

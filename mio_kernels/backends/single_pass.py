@@ -258,8 +258,7 @@ def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
                          f"{slots} accumulator(s) take {acc_bytes} bytes and at least "
                          f"{min(MIN_CHUNK_ROWS, len(sched.rows_cpu))} logits rows of {vocab} must fit beside them")
     walk = _Walk(hidden.reshape(-1, width), weight, labels.reshape(-1), bias, sched, members, shared_factor,
-                 coefficients,
-                 needs_hidden, needs_weight, needs_bias, slots, rows, transform)
+                 coefficients, needs_hidden, needs_weight, needs_bias, slots, rows, transform)
     for k0 in range(0, len(sched.rows_cpu), rows):
         walk.chunk(k0, min(k0 + rows, len(sched.rows_cpu)))
     return SinglePassResult(
