@@ -109,7 +109,9 @@ def _extension_kwargs():
 
     _ensure_ninja_on_path()
     sources = ["csrc/bindings.cpp", "csrc/logprob_cpu.cpp", "csrc/grad_epilogue.cpp"]
-    cxx = ["-O3", "-fopenmp"] + ([] if _flag("MIO_KERNELS_DEBUG") else ["-g0"])
+    # -fno-trapping-math (as torch's own build): without it GCC will not if-convert the clamps of
+    # the row epilogues' exp, so their AVX2 clones stay scalar (the AVX-512 ones vectorise by masking).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + ([] if _flag("MIO_KERNELS_DEBUG") else ["-g0"])
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if _flag("MIO_KERNELS_NO_CUDA"):
         with_cuda = False
