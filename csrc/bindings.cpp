@@ -111,6 +111,20 @@ pybind11::dict last_workspace() {
   return d;
 }
 
+// out [n, V] = hidden [n, H] @ weight [V, H]^T on CPU (the single pass's logits GEMM; the
+// recompute passes call mio::chunk_logits directly).
+void logits_into(at::Tensor out, const at::Tensor& hidden, const at::Tensor& weight) {
+  TORCH_CHECK(out.is_cpu() && hidden.is_cpu() && weight.is_cpu(), "logits_into: tensors must be on cpu");
+  TORCH_CHECK(out.dim() == 2 && hidden.dim() == 2 && weight.dim() == 2 && out.size(0) == hidden.size(0) &&
+                  out.size(1) == weight.size(0) && hidden.size(1) == weight.size(1),
+              "logits_into: expected out [n, V], hidden [n, H], weight [V, H], got ", out.sizes(), ", ",
+              hidden.sizes(), ", ", weight.sizes());
+  TORCH_CHECK(out.is_contiguous(), "logits_into: out must be contiguous");
+  TORCH_CHECK(out.scalar_type() == hidden.scalar_type() && hidden.scalar_type() == weight.scalar_type(),
+              "logits_into: out, hidden and weight must share a dtype");
+  mio::chunk_logits(out, hidden, weight, at::Tensor());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -122,6 +136,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("softmax_stats"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("ignore_index"), py::arg("scale"), py::arg("cap"),
         py::arg("need_hidden_grad"), py::arg("need_weight_grad"), py::arg("budget_bytes"));
+  m.def("logits_into", &logits_into, "out = hidden @ weight^T (CPU, in vocabulary blocks)", py::arg("out"),
+        py::arg("hidden"), py::arg("weight"));
   m.def("last_workspace", &last_workspace, "what the last call allocated (bytes, chunk rows)");
 #ifdef MIO_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -60,6 +60,10 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& hidden, const at::Tensor&
                                      const Transform& tf, bool need_dh, bool need_dw,
                                      int64_t budget_bytes);
 
+// Z [n, V] = Hc [n, H] @ W^T (+ b [V] when defined), CPU, all in one dtype (fp32 or fp64): the
+// logits GEMM of every CPU pass (recompute and single pass).
+void chunk_logits(at::Tensor& Z, const at::Tensor& Hc, const at::Tensor& Wa, const at::Tensor& ba);
+
 #ifdef MIO_WITH_CUDA
 std::vector<at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& labels, const OptTensor& bias,

@@ -114,6 +114,12 @@ def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ign
             d_bias if (need_weight_grad and bias is not None) else None)
 
 
+def logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """out [n, V] = hidden [n, H] @ weight [V, H]^T, CPU, one dtype: the CPU passes' logits GEMM
+    (in vocabulary blocks that keep W in cache, csrc/logprob_cpu.cpp chunk_logits)."""
+    _require().logits_into(out, hidden, weight)
+
+
 def grad_epilogue(logits: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
                   dz_dtype: torch.dtype, scale: float = 1.0, cap: float = 0.0) -> torch.Tensor:
     """The single-pass epilogue, in place over the raw logits x [n, V] (fp32, fp64 for fp64 inputs;

@@ -175,7 +175,10 @@ class _Walk:
         rows = s.rows[k0:k1]
         h = self.hidden_rows(k0, k1)
         z = self.buf[:k1 - k0]
-        _mm_into(z, h, self.weight.t())
+        if z.is_cuda:
+            _mm_into(z, h, self.weight.t())
+        else:
+            _native.logits_into(z, h, self.weight)
         self.token_logps[rows] = _native.grad_epilogue(z, self.labels[rows], self.bias, self.cd,
                                                        self.transform.scale, self.transform.cap)
         dz = z if self.cd == z.dtype else z.view(self.cd)[:, :z.shape[1]]
