@@ -5,7 +5,7 @@ For every loss of the op, dL/dlogp_t is one number c_s for all scored tokens t o
 Per chunk of R scored token rows (GEMMs through ATen: CPU BLAS / cuBLAS; the row epilogue is the
 extension's mio_native::grad_epilogue):
 
-    Z = H_c W^T                                  GEMM 1 (2 R H V FLOPs)
+    Z = H_c W^T                                  GEMM 1 (2 R H V FLOPs; CPU: in vocabulary blocks)
     logp_t;  Z <- (onehot(y) - softmax(z)) dz/dZ   epilogue, in place; z = transform(Z + b)
     dH_c = f * (Z W)                             GEMM 2
     dW += Z^T (f * H_c)   or   A_j += ...        GEMM 3 (db likewise, a GEMV)
