@@ -95,6 +95,11 @@ def assert_close(a, b, what, tol=TOL):
     assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), f"{what}: {a} vs TRL {b}"
 
 
+def reward_scale(beta, log):
+    """beta * |l| of the step's log-probs: what a relative error on TRL's l becomes in beta * (l - l_ref)."""
+    return beta * max(abs(log["logps/chosen"]), abs(log["logps/rejected"]))
+
+
 def compare(ours, theirs):
     (mio, mio_logs), (dpo, dpo_logs) = ours, theirs
     assert len(mio.losses) == len(dpo.losses) and len(mio_logs) == len(dpo_logs) > 0
@@ -104,15 +109,15 @@ def compare(ours, theirs):
         else:
             # f(margin) with |f'| <= 1 (sigmoid, nca_pair), margin = beta * (four log-probs), each of
             # TRL's off by up to TOL relative: the loss inherits that on top of the weights' drift
-            slack = 4 * TOL * mio.args.beta * max(abs(log["logps/chosen"]), abs(log["logps/rejected"]))
+            slack = 4 * TOL * reward_scale(mio.args.beta, log)
             assert abs(a - b) <= LATER_TOL + slack, f"loss at step {step}: {a} vs TRL {b}"
     for step, (a, b) in enumerate(zip(mio_logs, dpo_logs)):
         for name in COMPARED:
             tol = TOL if step == 0 else LATER_TOL
             if name.startswith("rewards/") and name != "rewards/accuracies":
                 # beta * (l - l_ref): TRL's error on l (TOL relative) is not relative to the difference
-                scale = mio.args.beta * max(abs(b["logps/chosen"]), abs(b["logps/rejected"]))
-                assert abs(a[name] - b[name]) <= tol * max(scale, 1.0), f"{name} at step {step}"
+                assert abs(a[name] - b[name]) <= tol * max(reward_scale(mio.args.beta, b), 1.0), \
+                    f"{name} at step {step}"
             else:
                 assert_close(a[name], b[name], f"{name} at step {step}", tol)
 
