@@ -7,17 +7,22 @@
               db by the incoming scalar gradient: 6 N H V FLOPs, hidden and weight read once.
               Any logit transform (temperature, logit_scale, final_logit_softcapping) is applied
               in its epilogue, dz/dx included. Native backend only (the Triton kernels stream the
-              vocabulary with an online logsumexp, so no pass holds a row's dZ). Needs fp32
-              [V, H] accumulators:
-                  bytes = slots * (V * H [weight grad] + V [bias grad]) * 4   (8 for fp64)
-              counted against the native chunk budget (`chunk_budget_bytes`), beside at least
-              min(64, S * T) logits rows of V * 4 bytes. slots (`coefficient_groups`):
+              vocabulary with an online logsumexp, so no pass holds a row's dZ).
+              Memory: the logits chunk keeps the native chunk budget (`chunk_budget_bytes`):
+                  R = clamp(budget // (V * p), 1, N) rows,   p = 4 bytes (8 for fp64)
+              and the single pass adds accumulators, which are gradient memory, not chunk memory:
+                  bytes = slots * (V * H [weight grad] + V [bias grad]) * p
+              slots (`coefficient_groups`):
                   1       separable losses (mio, bco_pair, sppo_hard, apo_zero), any K, any SFT weight
                   1       difference losses (dpo, ipo, hinge, robust) at K = 1 without SFT term
                   1 + K   otherwise (dpo / ipo / hinge / robust with K > 1 or sft_weight > 0)
               and 0 when the weight and bias need no gradient (only dH: 4 N H V FLOPs).
 "auto"        single_pass when a gradient is needed, the backend is native, the call is not being
-              traced by torch.compile and the accumulators fit the budget; else recompute.
+              traced by torch.compile, the accumulators are at most one weight gradient in the
+              accumulation precision ((V * H + V) * p: every one-slot loss, at any V and H) and,
+              on CUDA, accumulators + logits chunk fit in free device memory (free + cached by
+              torch's allocator) with DEVICE_MEMORY_MARGIN to spare; else recompute. An explicit
+              "single_pass" takes any number of slots (the free-memory check still applies).
 Forward-only calls (no input requires grad, or under torch.no_grad) never do gradient work.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mio_kernels import _native
 from mio_kernels.backends.single_pass import accumulator_bytes, chunk_rows, single_pass
 from mio_kernels.objective import (CoefficientGroups, PreferenceConfig, accumulator_slots, coefficient_groups,
                                    function_outputs, preference_objective)
@@ -42,22 +48,43 @@ def check_backward_mode(backward_mode) -> None:
         raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {backward_mode!r}")
 
 
+# Left free on the device beyond the single pass's accumulators and logits chunk: cuBLAS
+# workspaces, allocator rounding, the next layer's activations.
+DEVICE_MEMORY_MARGIN = 1 << 30
+
+
 def _budget_bytes(device: torch.device) -> int:
     from mio_kernels.backends.native_backend import chunk_budget_bytes
     return chunk_budget_bytes(device)
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes a CUDA allocation on `device` can take now: free on the device plus what torch's
+    caching allocator holds unused."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, labels: Tensor,
-                        bias: Optional[Tensor]) -> Optional[str]:
-    """None when the native single pass fits the chunk budget for this call, else why not."""
+                        bias: Optional[Tensor], explicit: bool = False) -> Optional[str]:
+    """None when the native single pass may run for this call (module docstring), else why not.
+    An explicit backward_mode='single_pass' may take more than one weight gradient's accumulators."""
     slots = accumulator_slots(cfg)  # from the options: no host sync for the labels here
+    vocab, width = weight.shape
     needs_weight, needs_bias = weight.requires_grad, bias is not None and bias.requires_grad
-    acc = accumulator_bytes(slots, weight.shape[0], weight.shape[1], hidden.dtype, needs_weight, needs_bias)
-    budget = _budget_bytes(hidden.device)
-    if chunk_rows(budget, acc, weight.shape[0], hidden.dtype, labels.numel()) is None:
-        return (f"its {slots} accumulator(s) of [V={weight.shape[0]}, H={weight.shape[1]}] take "
-                f"{acc} bytes, which with the logits rows exceeds the chunk budget of {budget} bytes "
-                "(raise MIO_KERNELS_NATIVE_CHUNK_MB or use backward_mode='recompute')")
+    acc = accumulator_bytes(slots, vocab, width, hidden.dtype, needs_weight, needs_bias)
+    one_gradient = accumulator_bytes(1, vocab, width, hidden.dtype, True, needs_bias)
+    if acc > one_gradient and not explicit:
+        return (f"its {slots} accumulators of [V={vocab}, H={width}] take {acc} bytes, more than one weight "
+                f"gradient ({one_gradient} bytes; loss_type={cfg.loss_type!r} with num_negatives="
+                f"{cfg.num_negatives} and sft_weight={cfg.sft_weight} needs 1 + K slots)")
+    if hidden.is_cuda and acc > 0:
+        elem = _native.accumulation_dtype(hidden.dtype).itemsize
+        need = acc + chunk_rows(_budget_bytes(hidden.device), vocab, hidden.dtype, labels.numel()) * vocab * elem
+        free = free_device_bytes(hidden.device)
+        if need + DEVICE_MEMORY_MARGIN > free:
+            return (f"its accumulators and logits chunk need {need} bytes but {hidden.device} has {free} bytes "
+                    f"free, less than that plus a margin of {DEVICE_MEMORY_MARGIN} bytes")
     return None
 
 
@@ -79,7 +106,7 @@ def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfi
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad or backend not in SINGLE_PASS_BACKENDS:
         return "recompute"   # forward only: no gradient work in either mode
-    reason = single_pass_blocker(cfg, hidden, weight, labels, bias)
+    reason = single_pass_blocker(cfg, hidden, weight, labels, bias, explicit=backward_mode == "single_pass")
     if reason is None:
         return "single_pass"
     if backward_mode == "single_pass":

@@ -308,6 +308,18 @@ def test_auto_fallback_to_reference_warns_once_with_the_reason(monkeypatch):
     assert reason in str(fallback[0].message) and "pip install --no-build-isolation" in str(fallback[0].message)
 
 
+@pytest.mark.parametrize("built", [("native", "triton"), ("triton",), ()])
+def test_auto_on_cuda_prefers_native_then_triton(monkeypatch, built):
+    """auto on CUDA tensors: the native extension's CUDA build (it has the single pass), else Triton,
+    else the reference. Availability is faked: no GPU needed."""
+    from mio_kernels import backends
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name in built else "absent")
+    monkeypatch.setattr(backends, "_warned_reference_fallback", True)
+    expected = built[0] if built else "reference"
+    assert backends.resolve_backend("auto", torch.device("cuda")) == expected
+
+
 # ---------------------------------------------------------------- CUDA epilogue: compile-only and runtime
 
 

@@ -135,3 +135,24 @@ def test_bad_cu_seqlens_names_the_argument(make_change, pattern):
     _, packed, _ = make_batch()
     with pytest.raises((ValueError, TypeError), match=pattern):
         fused_mio_loss(**{**packed, **make_change(packed)}, backend=BACKENDS[-1])
+
+
+def test_reference_gradient_of_a_sequence_beside_a_large_coefficient():
+    """Regression: the reference backend reduced packed sequences as differences of one prefix sum,
+    so every token's gradient carried ~1e-16 x the batch's largest coefficient: O(1) wrong for the
+    sequence of an empty neighbour (fp64 too). Packed must equal the padded batch."""
+    torch.manual_seed(0)
+    T, H, V = 40, 16, 1000
+    h = torch.randn(2 * T, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) / 4
+    y = torch.randint(0, V, (2 * T,))
+    y[T - 1] = y[-1] = -100
+    options = dict(loss_type="apo_zero", beta=0.15, num_negatives=2, reference_free=True, backend="reference")
+    packed_w = w.clone().requires_grad_()
+    fused_mio_loss(h, packed_w, y, cu_seqlens=torch.tensor([0, T, T, 2 * T]), **options).loss.backward()
+    padded_h = torch.zeros(3, T, H, dtype=torch.float64)
+    padded_y = torch.full((3, T), -100)
+    padded_h[0], padded_h[2], padded_y[0], padded_y[2] = h[:T], h[T:], y[:T], y[T:]
+    padded_w = w.clone().requires_grad_()
+    fused_mio_loss(padded_h, padded_w, padded_y, **options).loss.backward()
+    assert ((packed_w.grad - padded_w.grad).norm() / padded_w.grad.norm()).item() <= 1e-12

@@ -98,17 +98,18 @@ def _warn_reference_fallback(reason: str) -> None:
 def resolve_backend(name: str, device: torch.device) -> str:
     """Map a user's backend choice to a concrete one for tensors on `device`.
 
-    auto: triton on CUDA; else the native extension when it is built; else the full-logits
-    reference, with a warning (once per process) naming why native is unavailable.
+    auto: the native extension when it is built for `device` (on CUDA: cuBLAS chunks with a fused
+    epilogue, the path that has the single-pass backward); else triton on CUDA; else the
+    full-logits reference, with a warning (once per process) naming why native is unavailable.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "auto":
-        if device.type == "cuda" and unavailable_reason("triton", device) is None:
-            return "triton"
         reason = unavailable_reason("native", device)
         if reason is None:
             return "native"
+        if device.type == "cuda" and unavailable_reason("triton", device) is None:
+            return "triton"
         _warn_reference_fallback(reason)
         return "reference"
     if name != "reference":

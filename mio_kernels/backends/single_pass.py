@@ -21,12 +21,12 @@ prompt's 1 + K sequences otherwise); rows are walked group by group. When the gr
 across chunks completes: dW += (c_s / p_s) A_j per slot, A_j reset, and its earlier dH rows are
 multiplied by c_s / p_s. So 6 N H V FLOPs in all (recompute: 8), hidden and weight read once.
 
-Memory (p = 4 bytes, 8 for fp64; counted against the chunk budget):
-    accumulators   slots * (V * H [if dW] + V [if db]) * p
-    logits chunk   R * V * p,   R = (budget - accumulators) // (V * p)
+Memory (p = 4 bytes, 8 for fp64):
+    logits chunk   R * V * p,   R = clamp(budget // (V * p), 1, scored rows)   (the chunk budget)
+    accumulators   slots * (V * H [if dW] + V [if db]) * p                     (gradient memory)
 plus the gradients themselves, held from forward to backward: dH [N, H] (built in p-byte
 precision, cast to hidden's dtype at the end), dW [V, H] and db [V] (fp32 for 16-bit parameters,
-cast at the end). `fits` says whether a call fits the budget.
+cast at the end). Which calls may allocate the accumulators: mio_kernels/single_pass.py.
 
 Host synchronisation: one, to read the labels (and cu_seqlens): the schedule depends on which
 tokens are scored. Packed sequences (cu_seqlens) are walked the same way, by their segments.
@@ -41,11 +41,6 @@ from torch import Tensor
 from mio_kernels import _native
 from mio_kernels.transform import IDENTITY, LogitTransform
 
-# Below this many logits rows per chunk the GEMMs lose most of their efficiency and the
-# recompute path (whose chunk gets the whole budget) is faster.
-MIN_CHUNK_ROWS = 64
-
-
 def accumulator_bytes(slots: int, vocab: int, hidden_size: int, dtype: torch.dtype, needs_weight: bool,
                       needs_bias: bool) -> int:
     """Bytes of the [slots, V, H] (+ [slots, V]) accumulators of a single pass in `dtype`'s precision."""
@@ -53,12 +48,11 @@ def accumulator_bytes(slots: int, vocab: int, hidden_size: int, dtype: torch.dty
     return slots * ((vocab * hidden_size if needs_weight else 0) + (vocab if needs_bias else 0)) * elem
 
 
-def chunk_rows(budget_bytes: int, acc_bytes: int, vocab: int, dtype: torch.dtype, scored_rows: int) -> Optional[int]:
-    """Logits rows per chunk once the accumulators are paid for; None when fewer than
-    min(MIN_CHUNK_ROWS, scored_rows) rows fit (the single pass does not fit the budget)."""
-    rows = (budget_bytes - acc_bytes) // (vocab * _native.accumulation_dtype(dtype).itemsize)
-    if rows < max(1, min(MIN_CHUNK_ROWS, scored_rows)):
-        return None
+def chunk_rows(budget_bytes: int, vocab: int, dtype: torch.dtype, scored_rows: int) -> int:
+    """Logits rows per chunk: the chunk budget's worth of rows of V elements in `dtype`'s
+    accumulation precision (4 bytes, 8 for fp64), at least 1, at most the scored rows. The same
+    rule as the native recompute passes; the accumulators are not counted against it."""
+    rows = budget_bytes // (vocab * _native.accumulation_dtype(dtype).itemsize)
     return int(max(1, min(rows, scored_rows)))
 
 
@@ -196,8 +190,13 @@ class _Walk:
             self.accumulate(self.dW, self.db, dz[:known], h_scaled, f_col[:known])
         if self.open_group >= 0 and int(s.group_end[self.open_group]) <= k1:
             self.fold(c, k0)
-        if known_end < k1 and needs_params:
-            self.open_pending(last_group, known_end, k0, dz, h_scaled, f_col)
+        if known_end < k1:
+            # opened even when no parameter needs a gradient: the group's dH rows written here
+            # are rescaled by c_s / p_s when it completes (fold)
+            if self.open_group != last_group:
+                self.open_group, self.open_start = last_group, known_end
+            if needs_params:
+                self.open_pending(known_end, k0, dz, h_scaled, f_col)
 
     def accumulate(self, dW, db, dz, h_scaled, f_col) -> None:
         if dW is not None:
@@ -205,10 +204,8 @@ class _Walk:
         if db is not None:
             _addmm_into(db[:, None], dz.t(), f_col)
 
-    def open_pending(self, group: int, start: int, k0: int, dz, h_scaled, f_col) -> None:
-        """Rows [start, k1) of `group`, whose coefficient is not known yet: into their slots."""
-        if self.open_group != group:
-            self.open_group, self.open_start = group, start
+    def open_pending(self, start: int, k0: int, dz, h_scaled, f_col) -> None:
+        """Rows [start, k1) of the open group, whose coefficient is not known yet: into their slots."""
         slots = self.sched.slot[start:k0 + dz.shape[0]]
         bounds = [0] + (torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1).tolist() + [len(slots)]
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -246,20 +243,16 @@ def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
     shared_factor [S] | None from `coefficient_groups`; coefficients(token_logps [S*T]) -> c [S],
     exact for every sequence whose group is completely scored (the others' entries are ignored).
     Token log-probs are of the transformed logits z = transform(h W^T + b) (mio_kernels/transform.py).
-    Returns the token log-probs and the gradients of sum_t c_s(t) logp_t. Raises ValueError when
-    the accumulators do not fit budget_bytes (see `chunk_rows`)."""
+    Returns the token log-probs and the gradients of sum_t c_s(t) logp_t. budget_bytes bounds the
+    logits chunk (`chunk_rows`); whether the accumulators may be allocated is the caller's
+    choice (mio_kernels/single_pass.py)."""
     width, vocab = hidden.shape[-1], weight.shape[0]
     labels_cpu = labels.cpu()
     spans = sequence_spans(labels_cpu, None if cu_seqlens is None else cu_seqlens.cpu())
     sched = _schedule(labels_cpu.reshape(-1), spans, ignore_index, members.cpu(), shared_factor is not None,
                       hidden.device)
     needs_bias = needs_bias and bias is not None
-    acc_bytes = accumulator_bytes(slots, vocab, width, hidden.dtype, needs_weight, needs_bias)
-    rows = chunk_rows(budget_bytes, acc_bytes, vocab, hidden.dtype, len(sched.rows_cpu))
-    if rows is None:
-        raise ValueError(f"backward_mode='single_pass' does not fit the chunk budget of {budget_bytes} bytes: its "
-                         f"{slots} accumulator(s) take {acc_bytes} bytes and at least "
-                         f"{min(MIN_CHUNK_ROWS, len(sched.rows_cpu))} logits rows of {vocab} must fit beside them")
+    rows = chunk_rows(budget_bytes, vocab, hidden.dtype, len(sched.rows_cpu))
     walk = _Walk(hidden.reshape(-1, width), weight, labels.reshape(-1), bias, sched, members, shared_factor,
                  coefficients, needs_hidden, needs_weight, needs_bias, slots, rows, transform)
     for k0 in range(0, len(sched.rows_cpu), rows):
