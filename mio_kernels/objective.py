@@ -76,6 +76,12 @@ def preference_objective(policy: SequenceLogps, ref_logps: Optional[Tensor], cfg
     k = cfg.num_negatives
     logps = policy.logps
     u = logps if cfg.reference_free else logps - ref_logps.to(logps.dtype) * policy.scale.to(logps.dtype)
+    if not cfg.reference_free and ref_logps.dtype != policy.token_sums.dtype:
+        # The reference sums are known to their own dtype's precision (fp32 when cached): a policy
+        # sum that rounds to the reference's value is the reference, so its log-ratio is exactly 0
+        # (a policy equal to its reference gets rewards of 0, not rounding noise that flips accuracy).
+        same = policy.token_sums.to(ref_logps.dtype) == ref_logps.to(policy.token_sums.device)
+        u = torch.where(same, torch.zeros_like(u), u)
     u = u.view(1 + k, -1)                              # [1+K, P]
     num_prompts = u.shape[1]
     per_prompt = spec.fn(u[0], u[1:], cfg.beta, cfg.label_smoothing)

@@ -210,7 +210,22 @@ def test_k_negatives_precomputed_reference(tokenizer, tmp_path):
     assert len(trainer.train_dataset["ref_rejected_logps"][0]) == k
     trainer.train()
     first = [h for h in trainer.state.log_history if "rewards/chosen" in h][0]
-    assert abs(first["rewards/chosen"]) < 1e-5  # policy == reference at step 0
+    assert first["rewards/chosen"] == 0.0  # policy == reference at step 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(precompute_ref_log_probs=True), dict(loss_type="mio", num_negatives=3)],
+                         ids=["ref-model", "precomputed", "mio-K3"])
+def test_first_step_rewards_exactly_zero(tokenizer, tmp_path, kw):
+    """Policy == reference at the first step: rewards exactly 0 and accuracy 0, not rounding noise."""
+    model = tiny_model(tokenizer)
+    ref = None if kw.get("precompute_ref_log_probs") else copy.deepcopy(model)
+    trainer = MIOTrainer(model=model, ref_model=ref,
+                         args=MIOConfig(**options(tmp_path, per_device_train_batch_size=4, **kw)),
+                         train_dataset=rows(k=kw.get("num_negatives", 1), n=4), processing_class=tokenizer)
+    trainer.train()
+    first = [h for h in trainer.state.log_history if "rewards/chosen" in h][0]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert first[name] == 0.0, (name, first[name])
 
 
 @pytest.mark.parametrize("option, match", [
