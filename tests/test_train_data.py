@@ -142,3 +142,62 @@ def test_sample_order_is_a_pure_function_of_position():
     full = sample_order(10, 3, 0, 35)
     assert sorted(full[:10]) == list(range(10)) and full[:10] != full[10:20]  # fresh permutation per epoch
     assert sample_order(10, 3, 17, 9) == full[17:26]  # resuming at any position continues the stream
+
+
+# ----------------------------------------------------------------------------- the tokenizer check
+
+def one_token_tokenizer():
+    """A tokenizer that turns any text into one token (a word-level vocabulary without a
+    pre-tokenizer: the whole text is one unknown word), as a wrongly reloaded tokenizer can."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")),
+                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_token_stats_of_a_good_tokenizer(tmp_path, tok):
+    from mio_kernels.train.data import token_stats
+
+    rows = [GOOD, {**GOOD, "rejected": [" 3 pens", " 5 pens"]}, GOOD]  # row 1: chosen = a rejected
+    examples, _ = load_and_tokenize(write_jsonl(tmp_path / "p.jsonl", rows), tok)
+    stats = token_stats(examples, tok.eos_token_id)
+    assert stats.rows == 3 and stats.identical == 1
+    assert stats.response_max == stats.response_mean == len(tok(" 3 pens", add_special_tokens=False)["input_ids"])
+    assert stats.prompt_max == len(tok(GOOD["prompt"])["input_ids"])
+    assert stats.problem() is None
+    assert "1 of 3 rows have a chosen identical to a rejected" in stats.summary()
+
+
+def test_one_token_tokenizer_is_refused_suggesting_tokenizer(tmp_path, capsys):
+    from mio_kernels.train.cli import main
+
+    one_token_tokenizer().save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "prefs.jsonl", [GOOD] * 8)
+    code = main(["--output-dir", str(tmp_path), "--name", "t", "--tokenizer", str(tmp_path / "tok"),
+                 "--dataset", str(data), "--no-progress", "--steps", "1", "--sft-steps", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--tokenizer" in err and "at most 1 token" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_mostly_identical_pairs_are_refused(tmp_path, tok, capsys):
+    from mio_kernels.train.data import token_stats
+
+    rows = [{**GOOD, "rejected": [" 4 pens", " 3 pens"]}] * 3 + [GOOD]
+    examples, _ = load_and_tokenize(write_jsonl(tmp_path / "p.jsonl", rows), tok)
+    assert "3 of 4 rows have a chosen response identical to a rejected" in token_stats(examples, tok.eos_token_id).problem()
+
+
+def test_data_line_reports_tokens(tmp_path, capsys):
+    from mio_kernels.train.cli import main
+
+    code = main(["--output-dir", str(tmp_path), "--name", "t", "--no-progress", "--no-eval", "--no-plot",
+                 "--no-save-final", "--max-train-examples", "16", "--steps", "1", "--sft-steps", "0",
+                 "--batch-size", "4", "--tiny-hidden-size", "16", "--tiny-layers", "1", "--tiny-heads", "2"])
+    assert code == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "] data:" in l)
+    assert "tokens per prompt mean" in line and "per response mean" in line
+    assert "0 of 16 rows have a chosen identical to a rejected" in line

@@ -220,6 +220,45 @@ def tokenize_rows(rows: Sequence[dict], source: str, tokenizer, max_length: int,
     return examples, k
 
 
+@dataclass
+class TokenStats:
+    """What the tokenizer made of a dataset: tokens per prompt and per response (the tokenizer's
+    own, without the EOS appended here, after truncation), and the rows whose chosen response is,
+    token for token, one of its rejected ones (such a row has no preference to learn)."""
+
+    rows: int
+    prompt_mean: float
+    prompt_max: int
+    response_mean: float
+    response_max: int
+    identical: int
+
+    def summary(self) -> str:
+        return (f"tokens per prompt mean {self.prompt_mean:.1f} max {self.prompt_max}, per response mean "
+                f"{self.response_mean:.1f} max {self.response_max}; {self.identical} of {self.rows} rows have a "
+                "chosen identical to a rejected after tokenization")
+
+    def problem(self) -> Optional[str]:
+        """Why the tokenization cannot be right (most rows' chosen = a rejected, or every response
+        at most one token), or None."""
+        if self.response_max <= 1:
+            return f"every response tokenizes to at most {self.response_max} token"
+        if self.identical * 2 > self.rows:
+            return (f"{self.identical} of {self.rows} rows have a chosen response identical to a rejected one "
+                    f"after tokenization (responses: mean {self.response_mean:.1f} tokens, max {self.response_max})")
+        return None
+
+
+def token_stats(examples: Sequence[Example], eos_id: int) -> TokenStats:
+    """TokenStats of tokenised examples (`eos_id`: the EOS tokenize_rows appends to each response)."""
+    own = lambda r: len(r) - (1 if r and r[-1] == eos_id else 0)  # noqa: E731
+    prompts = [len(ex.prompt) for ex in examples]
+    responses = [own(r) for ex in examples for r in ex.responses]
+    identical = sum(any(r == ex.responses[0] for r in ex.responses[1:]) for ex in examples)
+    return TokenStats(len(examples), sum(prompts) / max(len(prompts), 1), max(prompts, default=0),
+                      sum(responses) / max(len(responses), 1), max(responses, default=0), identical)
+
+
 # ----------------------------------------------------------------------------- collation
 
 def _sequences(examples: Sequence[Example], responses: Optional[Sequence[int]]):

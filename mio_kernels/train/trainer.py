@@ -33,7 +33,7 @@ from mio_kernels.objective import METRIC_NAMES
 from mio_kernels.train import checkpoint as ckpt
 from mio_kernels.train.config import ConfigError, TrainConfig
 from mio_kernels.train.data import (Example, collate_rows, load_rows, pack_by_tokens, packed_tokens, sample_order,
-                                   tokenize_rows)
+                                   token_stats, tokenize_rows)
 from mio_kernels.train.evaluate import evaluate, sequence_logps, write_generations
 from mio_kernels.train.metrics import MetricsLog
 from mio_kernels.train.model import HeadTasks, PreferenceModel, check_packed_attention, load_model_and_tokenizer
@@ -92,10 +92,18 @@ def make_phases(cfg: TrainConfig, world_size: int) -> Dict[str, PhaseSpec]:
 
 
 def load_examples(cfg: TrainConfig, tok, vocab: int):
-    """(training examples, K, held-out examples), tokenised; token ids checked against the vocabulary."""
+    """(training examples, K, held-out examples, source, TokenStats of the training examples), tokenised;
+    token ids checked against the vocabulary; a tokenization that leaves nothing to prefer (most
+    rows' chosen = a rejected, or one-token responses) is refused, suggesting --tokenizer."""
     rows, src = load_rows(cfg.dataset, cfg.dataset_split)
     train, k = tokenize_rows(rows, src, tok, cfg.max_length, cfg.max_prompt_length, cfg.num_negatives,
                              cfg.max_train_examples)
+    stats = token_stats(train, tok.eos_token_id)
+    problem = stats.problem()
+    if problem is not None:
+        raise ValueError(f"{src}: {problem}: the tokenizer ({type(tok).__name__}, from "
+                         f"{cfg.tokenizer or cfg.model}) does not split these responses into their words; "
+                         "pass the model's own tokenizer with --tokenizer PATH")
     held_out: List[Example] = []
     if cfg.resolved_eval_dataset() is not None:
         erows, esrc = load_rows(cfg.resolved_eval_dataset(), cfg.eval_split)
@@ -106,7 +114,7 @@ def load_examples(cfg: TrainConfig, tok, vocab: int):
         if top >= vocab:
             raise ValueError(f"{name} data has token id {top} but the model's LM head has {vocab} rows: "
                              "tokenizer and model do not match")
-    return train, k, held_out, src
+    return train, k, held_out, src, stats
 
 
 class Trainer:
@@ -133,10 +141,10 @@ class Trainer:
             check_packed_attention(self.lm)
         self.packing = cfg.max_tokens_per_micro_batch if cfg.padding_free else None
         vocab = self.lm.get_output_embeddings().weight.shape[0]
-        self.train, self.k, self.eval_examples, src = load_examples(cfg, self.tok, vocab)
+        self.train, self.k, self.eval_examples, src, stats = load_examples(cfg, self.tok, vocab)
         self.log(f"data: {len(self.train)} training prompts from {src} (K={self.k} rejected each, "
-                 f"{sum(ex.truncated for ex in self.train)} truncated to max_length={cfg.max_length}), "
-                 f"{len(self.eval_examples)} held out")
+                 f"{sum(ex.truncated for ex in self.train)} truncated to max_length={cfg.max_length}; "
+                 f"{stats.summary()}), {len(self.eval_examples)} held out")
 
         self.bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
         self.model = parallelize(PreferenceModel(self.lm), d, self.bf16, cfg.activation_checkpointing)
