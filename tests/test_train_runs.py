@@ -62,6 +62,26 @@ def test_failed_start_leaves_nothing_and_resume_overwrite_exclude(tmp_path, caps
     one_line_error(capsys, "--resume and --overwrite")
 
 
+def test_finished_run_without_checkpoints_offers_only_what_works(tmp_path, capsys):
+    """Its refusal does not suggest --resume (which would have nothing to resume)."""
+    assert train(tmp_path, "--sft-steps", "1", "--steps", "1") == 0
+    assert train(tmp_path, "--sft-steps", "1", "--steps", "1") == 2
+    err = one_line_error(capsys, "finished run without checkpoints", "--overwrite", "--name")
+    assert "--resume" not in err
+    assert train(tmp_path, "--sft-steps", "1", "--steps", "1", "--resume") == 2
+    one_line_error(capsys, "nothing to resume", "--overwrite")
+
+
+def test_trl_loss_names_are_aliases(tmp_path, capsys):
+    from mio_kernels.train.config import build_parser, parse_args
+
+    assert parse_args(["--loss-type", "sigmoid"]).loss_type == "dpo"
+    assert parse_args(["--loss-type", "nca_pair"]).loss_type == "mio"
+    assert "sigmoid (= dpo)" in " ".join(build_parser().format_help().split())
+    assert train(tmp_path, "--loss-type", "exo_pair") == 2
+    one_line_error(capsys, "--loss-type", "sigmoid = dpo")
+
+
 # 2. ------------------------------------------------------------------- non-finite values
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     from mio_kernels.train.config import parse_args

@@ -261,6 +261,13 @@ def test_refused_at_trainer_construction(tokenizer, tmp_path):
                    processing_class=tokenizer)
 
 
+def test_in_memory_model_without_reference_says_what_to_pass(tokenizer, tmp_path):
+    """TRL would load the reference from the policy's path, '' for a model built in memory."""
+    with pytest.raises(ValueError, match=r"pass ref_model= .* or precompute_ref_log_probs=True"):
+        MIOTrainer(model=tiny_model(tokenizer), args=MIOConfig(**options(tmp_path)), train_dataset=rows(n=2),
+                   processing_class=tokenizer)
+
+
 def tiny_gemma2(tokenizer):
     """A soft-capped head: the fused loss scores it with the model's own transform."""
     import transformers

@@ -18,7 +18,7 @@ express. Heads with softcapping (Gemma-2/3) or a logit scale (Cohere, Granite) a
 same transform as the model's own forward (mio_kernels.transform.head_transform); for them the
 logits/* metrics (mean of each token's logits, taken from the mean weight row) are not logged.
 
-Requires `trl>=1.16` (`pip install mio-kernels[trl]`).
+Requires `trl>=1.16` (from a checkout: `pip install -e ".[trl]"`).
 """
 from __future__ import annotations
 
@@ -221,9 +221,20 @@ class MIOTrainer(DPOTrainer):
                                                        truncation_mode=args.truncation_mode,
                                                        pad_to_multiple_of=args.pad_to_multiple_of,
                                                        num_negatives=self.num_negatives)
-        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, **kwargs)
+        loads_reference = (ref_model is None and not args.precompute_ref_log_probs and kwargs.get("peft_config") is None
+                           and not (not isinstance(model, str) and is_peft_model(model)))
+        try:
+            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, **kwargs)
+        except OSError as err:
+            if not loads_reference:
+                raise
+            # TRL loads the reference from the policy's config path: '' for a model built in memory
+            path = getattr(getattr(model, "config", None), "_name_or_path", model)
+            raise ValueError(f"MIOTrainer: ref_model=None, so TRL loads the reference model from the policy's path "
+                             f"{path!r}, which failed ({' '.join(str(err).split())[:160]}): pass ref_model= (e.g. "
+                             "copy.deepcopy(model) before training) or precompute_ref_log_probs=True") from err
         if self._is_vision_dataset:
             raise ValueError("MIOTrainer: vision datasets are not supported")
         if self.aux_loss_enabled:

@@ -25,6 +25,10 @@ from mio_kernels.train.model import BUILTIN_MODEL
 from mio_kernels.validation import check_config
 
 
+# TRL's names of the same losses (as MIOTrainer takes them), accepted by --loss-type
+TRL_LOSS_ALIASES = {"sigmoid": "dpo", "nca_pair": "mio"}
+
+
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- run
@@ -189,6 +193,10 @@ class TrainConfig:
     (or --resume) a run directory that already holds a run is refused."""
 
     # ------------------------------------------------------------------------
+    def __post_init__(self):
+        if self.loss_type in TRL_LOSS_ALIASES and self.loss_type not in LOSSES:
+            self.loss_type = TRL_LOSS_ALIASES[self.loss_type]
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -282,6 +290,8 @@ def _check_loss(cfg: TrainConfig) -> None:
         check_config(cfg.preference_config(1 if cfg.num_negatives is None else cfg.num_negatives))
     except ValueError as err:
         msg = str(err)
+        if msg.startswith("loss_type"):
+            msg += " (TRL's names are accepted too: " + ", ".join(f"{a} = {b}" for a, b in TRL_LOSS_ALIASES.items()) + ")"
         field_name = re.match(r"\w+", msg)
         if field_name and field_name.group(0) in {f.name for f in fields(TrainConfig)}:
             msg = flag(field_name.group(0)) + msg[field_name.end():]
@@ -364,7 +374,8 @@ def _parse_value(name: str, tp, raw: str):
 
 def _choices(name: str) -> str:
     if name == "loss_type":
-        return f" One of: {', '.join(LOSSES)}."
+        return (f" One of: {', '.join(LOSSES)}; TRL's names are accepted too: "
+                + ", ".join(f"{a} (= {b})" for a, b in TRL_LOSS_ALIASES.items()) + ".")
     if name == "resume":
         return " Options that may change on resume: " + ", ".join(flag(n) for n in MAY_CHANGE_ON_RESUME) + "."
     return ""

@@ -91,6 +91,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     if cfg.overwrite or not holds:
         return RunPlan(run_dir, None, clear=holds)
     if not cfg.resume:
+        # offer --resume only where it would do something: a finished run without checkpoints has nothing
+        if (run_dir / "summary.json").exists() and not ckpt.complete_checkpoints(run_dir / "checkpoints"):
+            raise RunDirError(f"run directory {run_dir} already holds a finished run without checkpoints "
+                              f"({_contents(run_dir)}): pass --overwrite to delete it and start over, or choose "
+                              "another --name")
         raise RunDirError(f"run directory {run_dir} already holds a run ({_contents(run_dir)}): pass --resume "
                           "to continue it, --overwrite to delete it and start over, or choose another --name")
     path = ckpt.latest_checkpoint(run_dir / "checkpoints")
