@@ -27,7 +27,8 @@ def steps_of(run):
 
 
 def one_line_error(capsys, *words):
-    err = capsys.readouterr().err.strip()
+    # warnings are lines of their own (an earlier successful run's, e.g. --warmup-steps > --steps)
+    err = "\n".join(l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("mio-train: warning:"))
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     for w in words:
         assert w in err, (w, err)
@@ -80,6 +81,31 @@ def test_trl_loss_names_are_aliases(tmp_path, capsys):
     assert "sigmoid (= dpo)" in " ".join(build_parser().format_help().split())
     assert train(tmp_path, "--loss-type", "exo_pair") == 2
     one_line_error(capsys, "--loss-type", "sigmoid = dpo")
+
+
+def test_options_that_cannot_act(tmp_path, capsys):
+    """An explicit --eval without held-out data is an error; other options that cannot act are one
+    warning line each, and the run goes on."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Ann has 3 pens.", "chosen": " 3 pens", "rejected": " 4 pens"}) + "\n"
+                            for _ in range(8)))
+    assert train(tmp_path, "--dataset", str(data), "--eval", "--sft-steps", "1", "--steps", "1") == 2
+    one_line_error(capsys, "--eval", "--eval-dataset")
+    assert not (tmp_path / "S").exists()
+    assert train(tmp_path, "--dataset", str(data), "--sft-steps", "0", "--steps", "2", "--warmup-steps", "5",
+                 "--sft-lr", "0.1", "--eval-batch-size", "3", "--dataset-split", "x") == 0
+    warned = [l for l in capsys.readouterr().err.splitlines() if l.startswith("mio-train: warning:")]
+    for words in (("--warmup-steps 5 > the 2 preference steps",), ("--micro-batch-size", "--sft-micro-batch-size",
+                  "padding-free"), ("--sft-lr", "--sft-steps 0"), ("--eval-batch-size", "--no-eval"),
+                  ("--dataset-split", "a file")):
+        assert sum(all(w in l for w in words) for l in warned) == 1, (words, warned)
+    assert len(warned) == 5, warned
+
+
+def test_defaults_warn_nothing():
+    from mio_kernels.train.config import TrainConfig, option_warnings, parse_args
+
+    assert option_warnings(TrainConfig()) == [] and option_warnings(parse_args([])) == []
 
 
 # 2. ------------------------------------------------------------------- non-finite values

@@ -336,9 +336,64 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         need(_number(getattr(cfg, name), False) and 0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
     need(cfg.max_prompt_length < cfg.max_length, "max_prompt_length", f"< --max-length ({cfg.max_length})")
+    if cfg.eval and "eval" in getattr(cfg, "given", ()) and cfg.resolved_eval_dataset() is None:
+        raise ConfigError("--eval needs held-out data: pass --eval-dataset (only builtin:arithmetic brings its own "
+                          "test split)")
     if cfg.model == BUILTIN_MODEL:
         need(cfg.tiny_hidden_size % cfg.tiny_heads == 0, "tiny_hidden_size", f"a multiple of --tiny-heads ({cfg.tiny_heads})")
     _check_paths(cfg)
+
+
+def explicit_options(cfg: TrainConfig) -> set:
+    """The options the user set: those given on the command line or in the config file (parse_args
+    records them), else (a TrainConfig built in code) those that differ from their defaults."""
+    given = getattr(cfg, "given", None)
+    if given is not None:
+        return set(given)
+    return {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default}
+
+
+def _unused(names, explicit, why: str) -> List[str]:
+    used = [flag(n) for n in names if n in explicit]
+    return [f"{', '.join(used)} {'has' if len(used) == 1 else 'have'} no effect: {why}"] if used else []
+
+
+def option_warnings(cfg: TrainConfig) -> List[str]:
+    """One line per option that was set but cannot act in this run (the run goes on without it).
+    (An explicit --eval without held-out data is an error instead: validate_config.)"""
+    explicit, out = explicit_options(cfg), []
+    sft_steps = cfg.resolved_sft_steps()
+    for phase, warmup, steps in (("preference", "warmup_steps", cfg.steps), ("SFT", "sft_warmup_steps", sft_steps)):
+        w = getattr(cfg, warmup)
+        if 0 < steps < w:
+            out.append(f"{flag(warmup)} {w} > the {steps} {phase} steps: the learning rate never reaches its peak "
+                       f"(the last step runs at {steps / w:.0%} of it) and never decays")
+    if cfg.padding_free:
+        out += _unused(("micro_batch_size", "sft_micro_batch_size"), explicit,
+                       "padding-free micro-batches are filled to --max-tokens-per-micro-batch (--no-padding-free "
+                       "uses it)")
+    else:
+        out += _unused(("max_tokens_per_micro_batch",), explicit, "it sizes padding-free micro-batches only")
+    if cfg.model != BUILTIN_MODEL:
+        out += _unused(("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_intermediate_size"), explicit,
+                       f"they shape {BUILTIN_MODEL} only, not --model {cfg.model}")
+    if cfg.resolved_eval_dataset() is None:
+        why = "evaluation is off (--no-eval)" if not cfg.eval else "there is no held-out data (--eval-dataset)"
+        out += _unused(("eval_dataset", "eval_split", "max_eval_examples", "eval_batch_size", "max_new_tokens"),
+                       explicit - ({"eval_dataset"} if cfg.eval else set()), why)
+    if sft_steps == 0:
+        out += _unused(("sft_batch_size", "sft_micro_batch_size", "sft_lr", "sft_warmup_steps"), explicit,
+                       "there is no SFT warm-up (--sft-steps 0)")
+    if cfg.checkpoint_every == 0:
+        out += _unused(("keep_checkpoints",), explicit, "no checkpoints are written (--checkpoint-every 0)")
+    elif cfg.checkpoint_every > sft_steps + cfg.steps:
+        out.append(f"--checkpoint-every {cfg.checkpoint_every} > the run's {sft_steps + cfg.steps} steps: "
+                   "no checkpoint will be written")
+    for name, split in (("dataset", "dataset_split"), ("eval_dataset", "eval_split")):
+        value = getattr(cfg, name)
+        if value is not None and Path(value).is_file() and split in explicit:
+            out += _unused((split,), explicit, f"{flag(name)} is a file (one split)")
+    return out
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -431,4 +486,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values = load_config_file(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values)
+    cfg.given = frozenset(values)  # not a field: which options the user set (option_warnings)
+    return cfg.validate()

@@ -75,6 +75,11 @@ class Progress:
         else:
             print(line, file=self.stream, flush=True)
 
+    def warn(self, msg: str) -> None:
+        """One line on stderr (rank 0), whatever --progress: an option that cannot act, and the like."""
+        if self.main:
+            print(f"mio-train: warning: {msg}", file=sys.stderr, flush=True)
+
     def phase(self, name: str, total: int, unit: str = "step", initial: int = 0) -> "Phase":
         return Phase(self, name, total, unit, initial)
 

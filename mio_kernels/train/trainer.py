@@ -31,7 +31,7 @@ import torch
 from mio_kernels.backends import resolve_backend
 from mio_kernels.objective import METRIC_NAMES
 from mio_kernels.train import checkpoint as ckpt
-from mio_kernels.train.config import ConfigError, TrainConfig
+from mio_kernels.train.config import ConfigError, TrainConfig, option_warnings
 from mio_kernels.train.data import (Example, collate_rows, load_rows, pack_by_tokens, packed_tokens, sample_order,
                                    token_stats, tokenize_rows)
 from mio_kernels.train.evaluate import evaluate, sequence_logps, write_generations
@@ -156,6 +156,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", d.is_main)
         if self.plan.resume_from is not None:
             self.check_reference_coverage(json.loads((self.plan.resume_from / ckpt.STATE_FILE).read_text()))
+        for line in option_warnings(cfg):  # once the set-up succeeded: an error stays one line
+            self.progress.warn(line)
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
