@@ -168,7 +168,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Option
 def _check_preference_inputs(cfg, hidden, weight, labels, bias, cu_seqlens, ref_logps, ref_hidden, ref_weight,
                              ref_bias, check_values: bool) -> None:
     check_config(cfg)
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index=cfg.ignore_index, check_label_values=check_values)
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=cfg.ignore_index, check_label_values=check_values,
+                        warn_unscored=True)
     num_sequences = check_packing(hidden, cu_seqlens, check_values)
     check_batch_layout(num_sequences, cfg)
     check_reference(cfg, hidden, weight, ref_logps, ref_hidden, ref_weight, num_sequences)
@@ -219,8 +220,12 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     Scored logits: z = c * tanh(s * x / c) / T with x = hidden @ weight.T (+ bias), c =
     final_logit_softcapping, s = logit_scale, T = temperature (without c: z = s * x / T); the same
     transform scores the reference model's states.
-    Loss formulas: mio_kernels/losses.py. check_values: label range and NaN/inf checks, which cost two host
-    syncs; turn off for a sync-free step once the data pipeline is trusted.
+    Loss formulas: mio_kernels/losses.py. check_values (two host syncs; turn off for a sync-free step once
+    the data pipeline is trusted) checks: labels in [0, V) or ignore_index (and warns once when none is
+    scored), the values of cu_seqlens, ref_logps finite, and every sequence log-prob finite, a non-finite
+    one traced to hidden, weight, bias (or ref_hidden, ref_weight, ref_bias). It does not read hidden at
+    ignored positions: the loss and the native backend never do; the triton and reference backends'
+    weight gradient does carry a NaN/inf from there (0 * NaN).
     backward_mode: "auto" | "single_pass" (the gradient formed in the forward: 6 N H V FLOPs instead
     of 8) | "recompute"; when auto takes which, and the accumulators' memory: mio_kernels/single_pass.py.
     """

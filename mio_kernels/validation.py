@@ -4,6 +4,7 @@ and what was expected, before any kernel runs.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -21,10 +22,25 @@ def _require_tensor(name: str, t) -> Tensor:
     return t
 
 
+_warned_all_ignored = False
+
+
+def warn_all_ignored(ignore_index: int) -> None:
+    """Once per process: a batch in which no label is scored."""
+    global _warned_all_ignored
+    if not _warned_all_ignored:
+        _warned_all_ignored = True
+        warnings.warn(f"every label of the batch is ignore_index={ignore_index}: no token is scored, so every "
+                      "sequence log-prob is 0 and the loss is a constant without gradient (check the labels; "
+                      "warned once)", stacklevel=4)
+
+
 def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
                         hidden_name: str = "hidden", weight_name: str = "weight", bias_name: str = "bias",
-                        check_label_values: bool = True) -> None:
-    """hidden [..., H] float, weight [V, H] same dtype/device, labels hidden.shape[:-1] integer in [0, V)."""
+                        check_label_values: bool = True, warn_unscored: bool = False) -> None:
+    """hidden [..., H] float, weight [V, H] same dtype/device, labels hidden.shape[:-1] integer in [0, V).
+    check_label_values: the label values too (one host sync), and with warn_unscored a warning (once
+    per process) when no label is scored."""
     _require_tensor(hidden_name, hidden)
     _require_tensor(weight_name, weight)
     _require_tensor("labels", labels)
@@ -49,7 +65,8 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
             raise TypeError(f"{bias_name} must have {hidden_name}'s dtype and device "
                             f"({hidden.dtype}, {hidden.device}), got ({bias.dtype}, {bias.device})")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+        raise TypeError(f"labels must be an integer tensor (int64, int32 or any other integer dtype; used as "
+                        f"int64), got {labels.dtype}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal {hidden_name}'s leading dims "
                          f"{tuple(hidden.shape[:-1])}")
@@ -61,10 +78,13 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
         vocab = weight.shape[0]
         scored = labels != ignore_index
         bad = scored & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):  # one host sync, before any kernel could index out of bounds
+        any_bad, any_scored = torch.stack([bad.any(), scored.any()]).tolist()  # one host sync, before any kernel
+        if any_bad:                                                            # could index out of bounds
             value = int(labels[bad].flatten()[0])
             raise ValueError(f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
                              f"found {value}")
+        if warn_unscored and not any_scored:
+            warn_all_ignored(ignore_index)
 
 
 def _is_number(x) -> bool:

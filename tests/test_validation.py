@@ -131,3 +131,54 @@ def test_native_backend_missing_is_a_clear_error():
         pytest.skip("the native extension is built here")
     with pytest.raises(RuntimeError, match="backend='native' is not available"):
         call(backend="native")
+
+
+def test_labels_dtype_message_says_what_is_accepted():
+    with pytest.raises(TypeError, match="int64, int32 or any other integer dtype"):
+        call(labels=torch.zeros(4, 5, device=DEVICE))
+    args = batch()
+    want = fused_mio_loss(**args, backend="reference").loss
+    args["labels"] = args["labels"].int()  # int32 is accepted, and the same
+    assert torch.equal(fused_mio_loss(**args, backend="reference").loss, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_all_ignored_batch_warns_once(backend, monkeypatch):
+    import warnings
+
+    import mio_kernels.validation as validation
+
+    monkeypatch.setattr(validation, "_warned_all_ignored", False)
+    args = batch()
+    args["labels"] = torch.full_like(args["labels"], -100)
+    with pytest.warns(UserWarning, match="every label of the batch is ignore_index=-100"):
+        out = fused_mio_loss(**args, backend=backend)
+    assert torch.isfinite(out.loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second all-ignored batch is silent
+        fused_mio_loss(**args, backend=backend)
+        fused_mio_loss(**batch(), backend=backend)  # a scored batch never warns
+    # without check_values there is no host sync, hence no warning
+    monkeypatch.setattr(validation, "_warned_all_ignored", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_mio_loss(**args, backend=backend, check_values=False)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "native"])
+def test_check_values_does_not_read_ignored_positions(backend):
+    """As documented: NaN in hidden where labels are ignored is not reported, and the native
+    backend never reads it (finite loss and gradients); at a scored position it is an error."""
+    args = batch()
+    args["labels"][:, 0] = -100
+    hidden = args.pop("hidden")
+    hidden[0, 0, 0] = float("nan")
+    hidden.requires_grad_(True)
+    weight = args.pop("weight").requires_grad_(True)
+    out = fused_mio_loss(hidden, weight, **args, backend=backend)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
+    with torch.no_grad():
+        hidden[0, 1, 0] = float("nan")  # scored
+    with pytest.raises(ValueError, match="hidden contains non-finite values"):
+        fused_mio_loss(hidden, weight, **args, backend=backend)
