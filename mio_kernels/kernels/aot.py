@@ -2,6 +2,11 @@
 specialisation the GPU JIT would pick at a representative launch.
 
     python -m mio_kernels.kernels.aot        # prints one JSON line per (kernel, arch, dtype)
+    python -m mio_kernels.kernels.aot --variant all --dtypes fp32   # + the entropy/soft-cap variant
+
+Variants: "plain" (bias, no logit transform, no entropy: what the preference loss launches) and
+"entropy-softcap" (entropy and soft-capping on: the most registers a launch of the kernel can take).
+Launch configuration per dtype: config.gpu_forward_config / gpu_backward_config.
 
 Specialisation. At launch the JIT turns every pointer whose address is 16-byte aligned and every
 integer argument divisible by 16 into a `tt.divisibility = 16` hint, and every integer equal to 1
@@ -44,20 +49,21 @@ from mio_kernels.kernels.logprob_backward import logprob_backward_kernel
 from mio_kernels.kernels.logprob_forward import logprob_forward_kernel
 
 TOKENS, VOCAB, HIDDEN = 16384, 128256, 4096
-FORWARD = gpu_forward_config(HIDDEN)
-BACKWARD = gpu_backward_config(HIDDEN)
 TENSOR_CORE_OP = {80: "mma.sync", 90: "wgmma"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# constexprs of each variant: (TRANSFORM, ENTROPY)
+VARIANTS = {"plain": (0, False), "entropy-softcap": (2, True)}
 
 
-def _launch_args(kernel_name: str, dtype: torch.dtype) -> dict:
+def _launch_args(kernel_name: str, dtype: torch.dtype, softcap: bool = False) -> dict:
     """The runtime (non-constexpr) arguments the launchers pass at the representative shape."""
     n, v, d = TOKENS, VOCAB, HIDDEN
     io_ = dict(H=MockTensor(dtype), W=MockTensor(dtype), Y=MockTensor(torch.int64), B=MockTensor(dtype))
     f32 = MockTensor(torch.float32)
-    transform = dict(scale=1.0, cap=0.0)
+    transform = dict(scale=1.0 / 30.0, cap=30.0) if softcap else dict(scale=1.0, cap=0.0)
     if kernel_name == "forward":
-        v_per_split = triton.cdiv(triton.cdiv(v, FORWARD.v_splits), FORWARD.block_v) * FORWARD.block_v
+        cfg = gpu_forward_config(d, dtype=dtype)
+        v_per_split = triton.cdiv(triton.cdiv(v, cfg.v_splits), cfg.block_v) * cfg.block_v
         return dict(**io_, MAX_PART=f32, SUMEXP_PART=f32, TARGET_PART=f32, MOMENT_PART=f32, N=n, V=v, D=d,
                     stride_hn=d, stride_wv=d, ignore_index=-100, v_per_split=v_per_split, **transform)
     return dict(**io_, ROW_MAX=f32, LOG_SUMEXP=f32, G=f32, GE=f32, MU=f32, DH=f32, DW=f32, DB=f32,
@@ -98,27 +104,44 @@ def compile_kernel(kernel, args: dict, constexprs: dict, cfg: LaunchConfig, cap:
     return compiled, hinted, _ptxas_usage(log.getvalue())
 
 
-def builds():
-    """(name, dtype, kernel, runtime args, constexprs, config) for every kernel x dtype."""
-    for dtype, torch_dtype in DTYPES.items():
-        precision = "ieee" if dtype == "fp32" else "tf32"
-        yield ("forward", dtype, logprob_forward_kernel, _launch_args("forward", torch_dtype),
-               dict(HAS_BIAS=True, TRANSFORM=0, ENTROPY=False, UPCAST=False, DOT_PRECISION=precision,
-                    BLOCK_N=FORWARD.block_n, BLOCK_V=FORWARD.block_v, BLOCK_D=FORWARD.block_d), FORWARD)
-        yield ("backward", dtype, logprob_backward_kernel, _launch_args("backward", torch_dtype),
-               dict(HAS_BIAS=True, TRANSFORM=0, ENTROPY=False, COMPUTE_DH=True, COMPUTE_DW=True, UPCAST=False,
-                    DOT_PRECISION=precision, BLOCK_N=BACKWARD.block_n, BLOCK_V=BACKWARD.block_v,
-                    BLOCK_D=BACKWARD.block_d, GROUP_N=BACKWARD.group_n), BACKWARD)
+def builds(dtypes=tuple(DTYPES), variants=("plain",)):
+    """(name, dtype, variant, kernel, runtime args, constexprs, config) for every kernel x dtype x variant,
+    with the launch configuration the launchers pick for that dtype."""
+    for dtype, variant in ((d, v) for d in dtypes for v in variants):
+        torch_dtype, (transform, entropy) = DTYPES[dtype], VARIANTS[variant]
+        forward, backward = gpu_forward_config(HIDDEN, dtype=torch_dtype), gpu_backward_config(HIDDEN, torch_dtype)
+        common = dict(HAS_BIAS=True, TRANSFORM=transform, ENTROPY=entropy, UPCAST=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        yield ("forward", dtype, variant, logprob_forward_kernel, _launch_args("forward", torch_dtype, transform == 2),
+               dict(common, BLOCK_N=forward.block_n, BLOCK_V=forward.block_v, BLOCK_D=forward.block_d), forward)
+        yield ("backward", dtype, variant, logprob_backward_kernel,
+               _launch_args("backward", torch_dtype, transform == 2),
+               dict(common, COMPUTE_DH=True, COMPUTE_DW=True, BLOCK_N=backward.block_n, BLOCK_V=backward.block_v,
+                    BLOCK_D=backward.block_d, GROUP_N=backward.group_n), backward)
 
 
-def main() -> None:
+def _parse(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m mio_kernels.kernels.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated of bf16, fp16, fp32 (default: all)")
+    p.add_argument("--variant", default="plain", choices=sorted(VARIANTS) + ["all"])
+    args = p.parse_args(argv)
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        p.error(f"--dtypes: choose from {', '.join(DTYPES)}")
+    return dtypes, tuple(VARIANTS) if args.variant == "all" else (args.variant,)
+
+
+def main(argv=None) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter cannot compile")
-    for name, dtype, kernel, args, constexprs, cfg in builds():
+    dtypes, variants = _parse(argv)
+    for name, dtype, variant, kernel, args, constexprs, cfg in builds(dtypes, variants):
         for cap in (80, 90):
             compiled, hinted, usage = compile_kernel(kernel, args, constexprs, cfg, cap)
-            print(json.dumps(dict(kernel=name, arch=f"sm_{cap}", dtype=dtype, shared_bytes=compiled.metadata.shared,
-                                  **usage, cubin_bytes=len(compiled.asm["cubin"]),
+            print(json.dumps(dict(kernel=name, arch=f"sm_{cap}", dtype=dtype, variant=variant,
+                                  shared_bytes=compiled.metadata.shared, **usage,
+                                  cubin_bytes=len(compiled.asm["cubin"]),
                                   tensor_cores=TENSOR_CORE_OP[cap] in compiled.asm["ptx"], divisible_by_16=hinted,
                                   config=asdict(cfg))), flush=True)
 

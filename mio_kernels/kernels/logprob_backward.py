@@ -117,7 +117,7 @@ def logprob_backward(hidden, weight, labels, bias, softmax_stats, grad_logp, ign
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = backward_config(n, v, d, hidden.device)
+    cfg = backward_config(n, v, d, hidden.device, hidden.dtype)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     d_hidden = torch.zeros((n, d), **f32) if needs_hidden_grad else None
     d_weight = torch.zeros((v, d), **f32) if needs_weight_grad else None

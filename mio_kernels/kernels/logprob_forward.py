@@ -102,7 +102,7 @@ def logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with_entropy]; logp and every stat are 0 where ignored)."""
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = forward_config(n, v, d, hidden.device)
+    cfg = forward_config(n, v, d, hidden.device, hidden.dtype)
     v_per_split = triton.cdiv(triton.cdiv(v, cfg.v_splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)
     max_part = new_output((splits, n), hidden.device)
