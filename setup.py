@@ -11,6 +11,9 @@ the pure-Python package is built and the `native` backend reports itself unavail
 Environment switches:
   MIO_KERNELS_NO_EXT=1          build the pure-Python package only
   MIO_KERNELS_NO_CUDA=1         build the CPU part of the extension only
+                                (taken automatically, with a warning, when the CUDA toolkit's major
+                                version differs from the one torch was built with: torch's
+                                cpp_extension would abort the whole install)
   MIO_KERNELS_CUDA_ARCHS=80;90  compute capabilities to compile for (each kept only if nvcc knows it)
   MIO_KERNELS_DEBUG=1           keep debug info (-g; dropped by default: a third of the build time)
   MAX_JOBS=n                    parallel compile jobs (read by torch's ninja build)
@@ -95,6 +98,36 @@ def _nvcc_gencode(cuda_home):
     return flags
 
 
+def toolkit_cuda_version(cuda_home):
+    """'13.0' from `<cuda_home>/bin/nvcc --version` ('release 13.0, V13.0.88'), or None."""
+    if not cuda_home:
+        return None
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def cuda_major_mismatch(toolkit_version, torch_cuda, cuda_home=None):
+    """The warning to print when the toolkit's CUDA major version differs from torch's (torch's
+    cpp_extension raises on that and would abort the whole install), else None (also when either
+    version is unknown: then torch's own check decides)."""
+    if not toolkit_version or not torch_cuda:
+        return None
+    tk_major, torch_major = toolkit_version.split(".")[0], torch_cuda.split(".")[0]
+    if tk_major == torch_major:
+        return None
+    where = f" at {cuda_home}" if cuda_home else ""
+    return (f"WARNING: the CUDA toolkit{where} is CUDA {toolkit_version}, but torch was built with CUDA "
+            f"{torch_cuda}; torch's cpp_extension cannot build across CUDA major versions, so mio_kernels._C is "
+            f"built for the CPU only (the native backend will not run on CUDA tensors; the Triton backend is "
+            f"unaffected). To build the CUDA part, point CUDA_HOME at a CUDA {torch_major}.x toolkit and reinstall; "
+            f"set MIO_KERNELS_NO_CUDA=1 to build the CPU part only without this warning.")
+
+
 def _extension_kwargs():
     """ext_modules / cmdclass for setup(), or {} for the pure-Python package."""
     if _flag("MIO_KERNELS_NO_EXT"):
@@ -117,6 +150,12 @@ def _extension_kwargs():
         with_cuda = False
     elif torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
         _log("torch is a CUDA build but no CUDA toolkit (nvcc) was found; building the CPU part only")
+    if with_cuda:
+        mismatch = cuda_major_mismatch(toolkit_cuda_version(cpp_extension.CUDA_HOME), torch.version.cuda,
+                                       cpp_extension.CUDA_HOME)
+        if mismatch:
+            _log(mismatch)
+            with_cuda = False
     gencode = _nvcc_gencode(cpp_extension.CUDA_HOME) if with_cuda else []
     if with_cuda and not gencode:
         _log("no requested CUDA arch is supported by nvcc; building the CPU part only")
@@ -144,21 +183,23 @@ def _extension_kwargs():
     }
 
 
-setup(
-    name="mio-kernels",
-    version="0.1.0",
-    description="Memory-efficient fused LM-head preference losses (MIO/DPO) with Triton and native kernels",
-    packages=find_packages(include=["mio_kernels", "mio_kernels.*"]),
-    package_data={"mio_kernels": ["data/*.jsonl", "data/*.json"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "train": ["transformers>=4.46", "datasets>=3.0", "tqdm", "matplotlib", "pyyaml"],
-        "bench": ["liger-kernel", "cut-cross-entropy", "trl", "matplotlib"],
-        "trl": ["trl>=1.16"],
-        "test": ["pytest"],
-    },
-    entry_points={"console_scripts": ["mio-train=mio_kernels.train.cli:main"]},
-    **_extension_kwargs(),
-)
+# pip and setuptools run this file as __main__; tests import it for its helpers without building.
+if __name__ == "__main__":
+    setup(
+        name="mio-kernels",
+        version="0.1.0",
+        description="Memory-efficient fused LM-head preference losses (MIO/DPO) with Triton and native kernels",
+        packages=find_packages(include=["mio_kernels", "mio_kernels.*"]),
+        package_data={"mio_kernels": ["data/*.jsonl", "data/*.json"]},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11", "numpy"],
+        extras_require={
+            "triton": ["triton>=3.6"],
+            "train": ["transformers>=4.46", "datasets>=3.0", "tqdm", "matplotlib", "pyyaml"],
+            "bench": ["liger-kernel", "cut-cross-entropy", "trl", "matplotlib"],
+            "trl": ["trl>=1.16"],
+            "test": ["pytest"],
+        },
+        entry_points={"console_scripts": ["mio-train=mio_kernels.train.cli:main"]},
+        **_extension_kwargs(),
+    )
