@@ -59,6 +59,8 @@ def options(tmp_path, **kw):
                 logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, beta=0.5,
                 disable_tqdm=True, dataloader_num_workers=0)
     base.update(kw)
+    # TRL's default gradient_checkpointing=True under its current name (the old one warns in transformers)
+    base.setdefault("activation_checkpointing", base.pop("gradient_checkpointing", True))
     return base
 
 
@@ -266,6 +268,33 @@ def test_in_memory_model_without_reference_says_what_to_pass(tokenizer, tmp_path
     with pytest.raises(ValueError, match=r"pass ref_model= .* or precompute_ref_log_probs=True"):
         MIOTrainer(model=tiny_model(tokenizer), args=MIOConfig(**options(tmp_path)), train_dataset=rows(n=2),
                    processing_class=tokenizer)
+
+
+def test_no_checkpointing_deprecation_warnings_and_bars_once(tokenizer, tmp_path, capfd):
+    """MIOConfig's defaults (TRL's gradient_checkpointing=True) and a K = 3 run warn nothing about
+    gradient_checkpointing, and TRL's dataset-preparation bars show once, not K times."""
+    import warnings
+
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.enable_progress_bar()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = MIOConfig(output_dir=str(tmp_path), loss_type="mio", num_negatives=3, max_steps=1,
+                               per_device_train_batch_size=2, report_to="none", use_cpu=True, disable_tqdm=True,
+                               save_strategy="no")
+            model = tiny_model(tokenizer)
+            MIOTrainer(model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=rows(k=3, n=2),
+                       processing_class=tokenizer).train()
+    finally:
+        (ds_logging.enable_progress_bar if was else ds_logging.disable_progress_bar)()
+    assert config.activation_checkpointing is True  # TRL's default, carried to the current name
+    deprecated = [str(w.message) for w in caught if "gradient_checkpointing" in str(w.message)]
+    assert deprecated == []
+    err = capfd.readouterr().err
+    assert err.count("Tokenizing train dataset: 100%") == 1, err
 
 
 def tiny_gemma2(tokenizer):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -58,6 +59,13 @@ class MIOConfig(DPOConfig):
                                                                "reference."})
 
     def __post_init__(self):
+        # DPOConfig defaults `gradient_checkpointing` (to True), which transformers deprecates in favour of
+        # `activation_checkpointing` with a FutureWarning at every construction: carry the value over to
+        # the new name first, so the same setting takes effect and nothing warns.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
         super().__post_init__()
         check_trl_options(self)
 
@@ -128,6 +136,34 @@ class DataCollatorForKPreference(DataCollatorForPreference):
             out["ref_chosen_logps"] = torch.tensor([ex["ref_chosen_logps"] for ex in examples])
             out["ref_rejected_logps"] = torch.tensor([ex["ref_rejected_logps"] for ex in examples]).reshape(-1, k)
         return out
+
+
+# transformers deprecates the gradient_checkpointing* names that TRL's helper still calls
+_CHECKPOINTING_DEPRECATION = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
+
+
+@contextlib.contextmanager
+def _no_checkpointing(model, kwargs):
+    """TRL's disable_gradient_checkpointing, without the FutureWarnings of the names it calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CHECKPOINTING_DEPRECATION, category=FutureWarning)
+        with disable_gradient_checkpointing(model, kwargs):
+            yield
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: Optional[bool]):
+    """`datasets`' progress bars off (False) inside the block, or as they are (None); restored after."""
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    if enabled is False and was:
+        ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not ds_logging.is_progress_bar_enabled():
+            ds_logging.enable_progress_bar()
 
 
 def _pad_to(t: Tensor, width: int, fill: int) -> Tensor:
@@ -266,14 +302,18 @@ class MIOTrainer(DPOTrainer):
                              f"per prompt, but num_negatives={self.num_negatives}")
         unfiltered = copy.copy(args)
         unfiltered.max_length = None  # rows are filtered once, after merging
-        per_k = [super(MIOTrainer, self)._prepare_dataset(dataset.map(_kth_rejected, fn_kwargs={"k": k}),
-                                                          processing_class, unfiltered, dataset_name)
-                 for k in range(self.num_negatives)]
+        per_k = []
+        for k in range(self.num_negatives):  # TRL's preparation bars are shown once, not K times
+            with _progress_bars(False):
+                one = dataset.map(_kth_rejected, fn_kwargs={"k": k})
+            with _progress_bars(None if k == 0 else False):
+                per_k.append(super(MIOTrainer, self)._prepare_dataset(one, processing_class, unfiltered, dataset_name))
         columns = ("prompt_ids", "chosen_ids", "rejected_ids")
         per_k = [[dict(zip(columns, row)) for row in zip(*(ds[c] for c in columns))] for ds in per_k]
         merged = Dataset.from_list([_merge_k(list(rows)) for rows in zip(*per_k)])
         if args.max_length is not None and args.truncation_mode == "keep_start":
-            merged = merged.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
+            with _progress_bars(False):
+                merged = merged.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
         return merged
 
     # -------------------------------------------------------------------------------- reference
@@ -292,7 +332,7 @@ class MIOTrainer(DPOTrainer):
             adapter = use_adapter(inner, adapter_name="ref" if "ref" in inner.peft_config else None)
         backend = self.mio_backend
         head = lambda h, w, b, y: _sequence_sums(h, w, b, y, backend, self.head_options)  # noqa: E731
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+        with torch.no_grad(), _no_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter, (self.accelerator.autocast() if precompute else contextlib.nullcontext()):
             return self._patched(model)(**model_kwargs, labels=labels, mio_head=head)["sums"].float()
 
