@@ -193,10 +193,47 @@ def test_plot_has_four_labelled_panels(tmp_path, monkeypatch):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = figures[0]
     assert fig._suptitle.get_text().startswith("run 'x'")
-    assert len(fig.axes) == 4
-    for ax in fig.axes:
+    panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert len(panels) == 4 and len(fig.axes) == 5  # + the SFT loss's own y-axis (right)
+    for ax in panels:
         assert ax.get_title(loc="left") and ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
         assert all(float(t).is_integer() for t in ax.get_xticks())
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "thin: per step" in texts and any(t.startswith("thick: smoothed") for t in texts)
     assert sum(len(ax.collections) for ax in fig.axes) >= 3  # held-out eval markers
+    legend = lambda ax: " | ".join(t.get_text() for t in ax.get_legend().get_texts())  # noqa: E731
+    loss_ax, rewards_ax, _, logps_ax = panels
+    assert "SFT: NLL per response token (right axis)" in legend(loss_ax) and "held-out eval before" in legend(loss_ax)
+    assert [ax.get_ylabel() for ax in fig.axes if ax not in panels] == ["SFT NLL per token"]
+    # the three rewards are all 0 before: one marker that says so, not three on top of each other
+    assert "held-out before: all 0" in legend(rewards_ax)
+    assert "sum over response tokens" in logps_ax.get_title(loc="left")
+
+    # without evaluation: nothing drawn or named "held-out"
+    figures.clear()
+    plot.plot_metrics(metrics, tmp_path / "noeval.png", "t", {"before": None, "after": None}, 3, "ipo", True)
+    fig = figures[0]
+    assert sum(len(ax.collections) for ax in fig.axes) == 0
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            assert "held-out" not in legend(ax), legend(ax)
+    assert "mean over response tokens" in fig.axes[3].get_title(loc="left")
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
     assert plot.plot_metrics(metrics, tmp_path / "none.png") is None  # no preference step yet
+
+
+def test_smoothing_does_not_hook_at_the_ends():
+    """A centred mean only where its whole window fits: exact on a straight line, not drawn (NaN)
+    within half a window of each end, never the raw end value."""
+    import math
+
+    from mio_kernels.train.plot import half_window, smooth
+
+    ramp = [0.5 + 0.003 * i for i in range(120)]
+    noisy = [v + (0.1 if i % 2 else -0.1) for i, v in enumerate(ramp)]
+    out, half = smooth(noisy), half_window(120)
+    assert half == 4
+    assert all(math.isnan(v) for v in out[:half] + out[-half:])
+    inner = out[half:-half]
+    assert all(abs(v - r) < 0.1 / 9 + 1e-12 for v, r in zip(inner, ramp[half:-half]))
+    assert smooth([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]  # fewer than 30 points: no smoothing

@@ -440,7 +440,7 @@ class Trainer:
                 from mio_kernels.train.plot import plot_metrics
                 evals = {"before": summary.get("eval_before"), "after": summary.get("eval_after")}
                 png = plot_metrics(self.metrics.path, self.run_dir / "rewards.png", self.plot_title(evals), evals,
-                                   self.k, self.cfg.loss_type)
+                                   self.k, self.cfg.loss_type, self.tasks.cfg.length_normalized)
                 if png:
                     self.log(f"plot: {png}")
         barrier(self.d)
