@@ -80,8 +80,9 @@ def preference_objective(policy: SequenceLogps, ref_logps: Optional[Tensor], cfg
         # The reference sums are known to their own dtype's precision (fp32 when cached): a policy
         # sum that rounds to the reference's value is the reference, so its log-ratio is exactly 0
         # (a policy equal to its reference gets rewards of 0, not rounding noise that flips accuracy).
+        # u - u.detach(): the value 0 with u's gradient (the reference backend differentiates u).
         same = policy.token_sums.to(ref_logps.dtype) == ref_logps.to(policy.token_sums.device)
-        u = torch.where(same, torch.zeros_like(u), u)
+        u = torch.where(same, u - u.detach(), u)
     u = u.view(1 + k, -1)                              # [1+K, P]
     num_prompts = u.shape[1]
     per_prompt = spec.fn(u[0], u[1:], cfg.beta, cfg.label_smoothing)

@@ -36,6 +36,15 @@ def test_op_rewards_exactly_zero_at_the_reference(backend, mode, loss_type, ref_
                          beta=0.5, backend=backend, backward_mode=mode)
     for name in REWARDS:
         assert out.metrics[name].item() == 0.0, (name, out.metrics[name].item())
+    # the exact 0 is the value only: the gradient at the reference is the float64 reference's
+    leaf = weight.clone().requires_grad_()
+    fused_mio_loss(hidden, leaf, labels, ref_logps=ref, loss_type=loss_type, num_negatives=3, beta=0.5,
+                   backend=backend, backward_mode=mode).loss.backward()
+    exact = weight.double().requires_grad_()
+    fused_mio_loss(hidden.double(), exact, labels, ref_logps=ref.double(), loss_type=loss_type, num_negatives=3,
+                   beta=0.5, backend="reference").loss.backward()
+    assert exact.grad.norm() > 0
+    assert ((leaf.grad.double() - exact.grad).norm() / exact.grad.norm()).item() <= 1e-5
     # the op's own returned sums passed back as the reference: the same
     again = fused_mio_loss(hidden, weight, labels, ref_logps=out.policy_sums, loss_type=loss_type,
                            num_negatives=3, beta=0.5, backend=backend, backward_mode=mode)
