@@ -383,6 +383,13 @@ def output_paths(args, device: torch.device) -> Dict[str, str]:
     return {ext: os.path.join(args.out, f"{tag}.{ext}") for ext in ("json", "md", "png")}
 
 
+def _write_tables(paths: Dict[str, str], result: dict, primary: str) -> None:
+    add_ratios(result["rows"], primary)
+    report.write_json(paths["json"], result)
+    with open(paths["md"], "w") as f:
+        f.write(report.markdown(result) + "\n")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,8 +421,46 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None,
                    help="skip the cases left once this much time has passed (default: 9 on CUDA, none on CPU)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments and print the plan (cases, implementations, output files) as JSON; "
+                        "runs nothing and needs no GPU (the device is not opened)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+KNOWN_IMPLS = ("ours", "triton", "native") + tuple(impl.name for impl in PEERS)
+
+
+def default_impls(dtype: torch.dtype) -> str:
+    return ("naive," + ("" if dtype == torch.float32 else "naive_dtype,")
+            + "compiled,liger,cce,trl,ours,native_single_pass,native_recompute")
+
+
+def dry_run_plan(args) -> dict:
+    """What main() would run with these arguments, resolved without touching the device: the names are
+    checked (unknown ones exit like the real run), availability is left to the run (reported there)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: {device!r} is not cpu or cuda")
+    dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
+    from mio_kernels.losses import LOSSES
+    unknown = [lt for lt in losses if lt not in LOSSES]
+    if unknown:
+        raise SystemExit(f"--losses: unknown loss type(s) {unknown}")
+    cases = parse_shapes(args.shapes, losses) if args.shapes else default_sweep(device, args.quick, losses)
+    names = [x.strip() for x in (args.impls or default_impls(DTYPES[dtype_name])).split(",") if x.strip()]
+    bad = [n for n in names if n not in KNOWN_IMPLS]
+    if bad:
+        raise SystemExit(f"--impls: unknown implementation(s) {bad}")
+    if args.ours not in (None, "reference", "naive", "triton", "native"):
+        raise SystemExit(f"--ours: {args.ours!r} is not triton, native or reference")
+    tag = args.tag or ("cpu" if device == "cpu" else "gpu-<device>") + ("-quick" if args.quick else "")
+    outputs = [os.path.join(args.out, f"{tag}.{ext}") for ext in ("json", "md") + (() if args.no_plot else ("png",))]
+    max_minutes = args.max_minutes if args.max_minutes is not None else (9.0 if device == "cuda" else None)
+    return {"dry_run": True, "device": device, "dtype": dtype_name, "losses": list(losses),
+            "cases": [c.shape.as_dict() for c in cases], "impls": names, "ours": args.ours,
+            "max_minutes": max_minutes, "outputs": outputs}
 
 
 def main(argv=None) -> dict:
@@ -423,14 +468,17 @@ def main(argv=None) -> dict:
     if args.worker:
         worker_main(args.worker)
         return {}
+    if args.dry_run:
+        plan = dry_run_plan(args)
+        print(json.dumps(plan, indent=1))
+        return plan
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = DTYPES[dtype_name]
     on_cuda = device.type == "cuda"
     losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
     cases = parse_shapes(args.shapes, losses) if args.shapes else default_sweep(device.type, args.quick, losses)
-    impl_names = args.impls or ("naive," + ("" if dtype == torch.float32 else "naive_dtype,")
-                                + "compiled,liger,cce,trl,ours,native_single_pass,native_recompute")
+    impl_names = args.impls or default_impls(dtype)
     impls, primary = select_impls([x.strip() for x in impl_names.split(",") if x.strip()], device, args.ours)
     subprocesses = device.type == "cpu" and not args.in_process
     max_minutes = args.max_minutes if args.max_minutes is not None else (9.0 if on_cuda else None)
@@ -493,6 +541,11 @@ def main(argv=None) -> dict:
             for k, impl in enumerate(impls):
                 role = "target" if k == 0 else "check"
                 t0 = time.monotonic()
+                if max_minutes is not None and t0 - started > 60 * max_minutes:
+                    result["rows"] += [{"shape": shape.as_dict(), "impl": impl.name, "label": impl.label, "loss": lt,
+                                        "status": "skipped", "reason": f"time budget ({max_minutes:g} min) spent"}
+                                       for lt in unit.losses]
+                    continue
                 if subprocesses:
                     rows = run_in_subprocess(impl, unit, settings, folder, role)
                 else:
@@ -502,11 +555,9 @@ def main(argv=None) -> dict:
                           + (f" {row['median_s'] * 1e3:.1f} ms" if row["status"] == "ok" else f" ({row.get('reason')})")
                           + f"  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
                 result["rows"] += rows
+                _write_tables(paths, result, primary)     # a run stopped from outside keeps what it measured
         del inputs
-        add_ratios(result["rows"], primary)
-        report.write_json(paths["json"], result)
-        with open(paths["md"], "w") as f:
-            f.write(report.markdown(result) + "\n")
+        _write_tables(paths, result, primary)
     result["environment"]["load_avg_1m_at_end"] = measure.load_average()
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     report.write_json(paths["json"], result)
