@@ -117,9 +117,11 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         worker(str(tmp_path / "r1"), str(one), int(steps))
     finally:
         torch.set_num_threads(threads)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(HERE), str(tmp_path / "r2"), str(two), steps],
-        {"OMP_NUM_THREADS": "1"})
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), str(HERE), str(tmp_path / "r2"), str(two), steps],
+               {"OMP_NUM_THREADS": "1"})
+    first_lines = [l for l in proc.stdout.splitlines() if l.startswith("[mio-train]")][:2]
+    assert any("distributed: 2 processes, backend gloo, FSDP2" in l for l in first_lines), proc.stdout[:2000]
     from safetensors.torch import load_file
 
     for r in ("r1", "r2"):  # resumed (from step 4 of 6) == uninterrupted, bit for bit
@@ -129,6 +131,9 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), r
         summary = json.loads((job_dir / "summary.json").read_text())
         assert summary["eval_after"]["examples"] == 6
+        distributed = json.loads((job_dir / "config.json").read_text())["distributed"]
+        assert distributed == ({"processes": 1, "backend": None, "fsdp2": False, "device": "cpu"} if r == "r1" else
+                               {"processes": 2, "backend": "gloo", "fsdp2": True, "device": "cpu"})
     rows = lambda r: [json.loads(l) for l in (tmp_path / r / "job" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows("r2")] == [1, 2, 1, 2, 3, 4]
     for x, y in zip(rows("r1"), rows("r2")):  # the whole job: 2 processes track 1 process

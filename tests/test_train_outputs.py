@@ -2,6 +2,7 @@
 the current cache API, progress output, and the generations files."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -103,6 +104,25 @@ def test_greedy_generate_matches_uncached_decoding():
 PHASE_SUMMARIES = ("SFT warm-up: 3 steps in", "reference log-probs: ", "eval before: log-probs: 6 prompts in",
                    "eval before: greedy generation: ", "preference training: 2 steps in",
                    "eval after: log-probs: 6 prompts in", "eval after: greedy generation: ")
+
+
+def test_run_ends_with_human_lines(tmp_path, capsys):
+    """The end of a run: what was trained, the headline numbers, where the files are (no JSON dump);
+    config.json records how the run was spread (one process here)."""
+    assert main(["--output-dir", str(tmp_path), *SHORT, "--sft-steps", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tail = lines[-4:]
+    assert tail[0].startswith("done: mio (β = 0.5, K = 3) on builtin:tiny-llama") and "preference steps in" in tail[0]
+    assert "exact match" in tail[1] and " → " in tail[1]
+    assert "reward accuracy" in tail[2] and "margin" in tail[2]
+    assert tail[3].startswith("files in ")
+    for name in ("summary.json", "metrics.jsonl", "generations_before.jsonl", "generations_after.jsonl",
+                 "rewards.png", "final/", "config.json"):
+        assert name in tail[3], name
+    assert not any(line.startswith(("{", "}", ' "')) for line in lines)
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert json.loads((run / "config.json").read_text())["distributed"] == {
+        "processes": 1, "backend": None, "fsdp2": False, "device": "cpu"}
 
 
 @pytest.mark.parametrize("shown", [True, False], ids=["progress", "no-progress"])

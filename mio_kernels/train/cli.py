@@ -1,4 +1,5 @@
-"""`mio-train` / `python -m mio_kernels.train`: parse TrainConfig, run the job, print the summary.
+"""`mio-train` / `python -m mio_kernels.train`: parse TrainConfig, run the job, end with a few lines
+for a person (what was trained, the headline numbers, where the files are; summary.json has them all).
 
 A user error (an invalid option, a missing path, a malformed dataset row, a run directory that
 must not be used) is one line on stderr and exit status 2, found before any training; a run that
@@ -6,7 +7,6 @@ stops on non-finite values is one line and exit status 1. --debug shows the trac
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Optional, Sequence
 
@@ -34,8 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         summary = trainer.run()
-        if trainer.d.is_main:
-            print(json.dumps(summary, indent=1))
+        if trainer.d.is_main:  # the numbers in full: summary.json
+            print("\n".join(trainer.closing_lines(summary)), flush=True)
     except FloatingPointError as err:
         if debug:
             raise

@@ -40,7 +40,7 @@ from mio_kernels.train.model import HeadTasks, PreferenceModel, check_packed_att
 from mio_kernels.transform import head_transform
 from mio_kernels.train.parallelize import (Dist, all_reduce_sum, barrier, full_state_dict, init_distributed,
                                            parallelize, reshard_all, set_head_kept_gathered)
-from mio_kernels.train.progress import Progress
+from mio_kernels.train.progress import Progress, duration
 from mio_kernels.train.reference import batch_reference, frozen_copy, score_table
 from mio_kernels.train.run_dir import plan_run, run_identity
 from mio_kernels.train.state import TrainState
@@ -147,6 +147,10 @@ class Trainer:
                  f"{stats.summary()}), {len(self.eval_examples)} held out")
 
         self.bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
+        if d.world_size > 1:
+            info = self.distributed_info()
+            self.log(f"distributed: {info['processes']} processes, backend {info['backend']}, FSDP2 (each decoder "
+                     f"block and the LM head sharded over the processes), device {info['device']}")
         self.model = parallelize(PreferenceModel(self.lm), d, self.bf16, cfg.activation_checkpointing)
         loss_cfg = replace(cfg.preference_config(self.k), **head_transform(self.lm))
         self.tasks = HeadTasks(loss_cfg, cfg.backend)
@@ -403,7 +407,8 @@ class Trainer:
         else:
             self.metrics.reset()
         if self.d.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            (self.run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "distributed":
+                                                                   self.distributed_info()}, indent=1))
 
         if progress["phase"] == "sft":
             if self.phases["sft"].steps:
@@ -444,6 +449,38 @@ class Trainer:
                 if png:
                     self.log(f"plot: {png}")
         barrier(self.d)
+
+    def distributed_info(self) -> Dict[str, object]:
+        """How the run is spread: processes, process-group backend (None for one process), FSDP2."""
+        import torch.distributed as dist
+
+        backend = str(dist.get_backend()) if dist.is_initialized() else None
+        return {"processes": self.d.world_size, "backend": {"nccl": "NCCL"}.get(backend, backend),
+                "fsdp2": self.d.world_size > 1, "device": self.d.device.type}
+
+    def closing_lines(self, summary: Dict[str, object]) -> List[str]:
+        """The end of a run, for a person: what was trained, the headline numbers, where the files are."""
+        cfg = self.cfg
+        lines = [f"done: {cfg.loss_type} (β = {cfg.resolved_beta():g}, K = {self.k}) on {cfg.model}, "
+                 f"{len(self.train)} prompts of {cfg.dataset}; {self.phases['sft'].steps} SFT + {cfg.steps} "
+                 f"preference steps in {duration(summary['wall_time_s'])}"
+                 + (f", {self.d.world_size} processes" if self.d.world_size > 1 else "")]
+        before, after = summary.get("eval_before"), summary.get("eval_after")
+        if before and after:
+            lines.append(f"held-out ({after['examples']} prompts): exact match {before['exact_match']:.3f} → "
+                         f"{after['exact_match']:.3f}, reward accuracy {after['rewards/accuracies']:.3f}, "
+                         f"margin {after['rewards/margins']:.3g}")
+        last = next((r for r in reversed(self.metrics.rows()) if r.get("phase") == "pref"), None) \
+            if self.metrics.path.exists() else None
+        if last is not None:
+            lines.append(f"last logged training step ({last['step']}): reward accuracy "
+                         f"{last['rewards/accuracies']:.3f}, margin {last['rewards/margins']:.3g}, "
+                         f"loss {last['loss']:.4g}")
+        names = ["summary.json", "metrics.jsonl", "generations_before.jsonl", "generations_after.jsonl",
+                 "rewards.png", "final", "config.json", "checkpoints"]
+        files = [n + ("/" if (self.run_dir / n).is_dir() else "") for n in names if (self.run_dir / n).exists()]
+        lines.append(f"files in {self.run_dir}/: " + ", ".join(files))
+        return lines
 
     def plot_title(self, evals: Dict[str, Optional[Dict[str, float]]]) -> str:
         cfg = self.cfg
