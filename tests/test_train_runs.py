@@ -242,3 +242,22 @@ def test_same_size_corruption_is_skipped(tmp_path, target):
         assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000002"
     text = " ".join(str(w.message) for w in caught)
     assert f.name in text and "checksum" in text
+
+
+def test_help_groups_options_and_shows_every_default():
+    import argparse
+    import re
+    from dataclasses import fields
+
+    from mio_kernels.train.config import HELP_GROUPS, TrainConfig, build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    titles = [g.title for g in parser._action_groups]
+    assert [t for t in titles if t in HELP_GROUPS] == list(HELP_GROUPS)
+    grouped = [n for names in HELP_GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(TrainConfig))  # every option in exactly one group
+    for action in parser._actions:
+        if isinstance(action, argparse.BooleanOptionalAction) or action.dest == "debug":
+            assert re.search(r"\(default: (on|off)\)$", action.help), action.dest
+    assert not re.search(r"\w\.py\b", text), "a help string points at a source file"

@@ -82,14 +82,15 @@ class TrainConfig:
     max_eval_examples: int = 300
     """Evaluate on the first N held-out rows."""
     max_length: int = 128
-    """Tokens per sequence (prompt + response, EOS included); longer rows are truncated (data.py)."""
+    """Tokens per sequence (prompt + response, EOS included); a longer row keeps its prompt's last
+    --max-prompt-length tokens, then its responses are cut to fit."""
     max_prompt_length: int = 96
     """Prompt tokens kept (its last ones) when a row must be truncated."""
 
     # ---------------------------------------------------------------- preference loss
     loss_type: str = DEFAULT_LOSS
-    """A registered loss (mio_kernels.losses.LOSSES, formulas in mio_kernels/losses.py; a loss added
-    with register_loss before the CLI runs is accepted too)."""
+    """The preference loss: one of the registered losses (listed below; one added with
+    mio_kernels.losses.register_loss before the trainer starts is accepted too)."""
     beta: Optional[float] = None
     """Reward scale: r = beta * (log pi(y|x) - log pi_ref(y|x)). Default: 0.1 (TRL's), but 0.5
     for builtin:tiny-llama (on the embedded job 0.1 let both losses drift the chosen likelihood down)."""
@@ -436,6 +437,24 @@ def _choices(name: str) -> str:
     return ""
 
 
+# --help shows the options in these groups, in this order (every field in exactly one)
+HELP_GROUPS = {
+    "model and data": ("model", "tokenizer", "dtype", "mixed_precision", "tiny_hidden_size", "tiny_layers",
+                       "tiny_heads", "tiny_intermediate_size", "dataset", "dataset_split", "eval_dataset", "eval_split",
+                       "max_train_examples", "max_eval_examples", "max_length", "max_prompt_length"),
+    "loss": ("loss_type", "beta", "num_negatives", "label_smoothing", "average_log_prob", "sft_weight", "reference",
+             "backend"),
+    "optimisation": ("steps", "batch_size", "micro_batch_size", "padding_free", "max_tokens_per_micro_batch", "lr",
+                     "warmup_steps", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
+                     "activation_checkpointing", "sft_steps", "sft_batch_size", "sft_micro_batch_size", "sft_lr",
+                     "sft_warmup_steps"),
+    "run and checkpoints": ("name", "output_dir", "seed", "device", "threads", "checkpoint_every", "keep_checkpoints",
+                            "resume", "overwrite"),
+    "evaluation and output": ("eval", "max_new_tokens", "eval_batch_size", "log_every", "progress", "plot",
+                              "save_final"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     docs = field_docs()
     hints = typing.get_type_hints(TrainConfig)
@@ -446,16 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "preferences, SFT warm-up, then MIO, evaluation before/after). "
                     "Multi-process: torchrun --nproc_per_node N -m mio_kernels.train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file of field: value (flags override it)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
+    group_of = {name: groups[title] for title, names in HELP_GROUPS.items() for name in names}
+    run = groups["run and checkpoints"]
+    run.add_argument("--config", help="YAML or JSON file of option: value (keys: the option names with _ for -; "
+                                      "flags override it)")
+    run.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: off)")
     for f in fields(TrainConfig):
         option = flag(f.name)
         tp = hints[f.name]
+        group = group_of.get(f.name, parser)
         if _base_type(tp) is bool:
-            parser.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=docs.get(f.name, "") + _choices(f.name))
+            group.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=docs.get(f.name, "") + _choices(f.name)
+                               + f" (default: {'on' if f.default else 'off'})")
         else:
-            parser.add_argument(option, dest=f.name, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
+            group.add_argument(option, dest=f.name, default=argparse.SUPPRESS, metavar=_base_type(tp).__name__.upper(),
                                 type=lambda raw, n=f.name, t=tp: _parse_value(n, t, raw),
                                 help=docs.get(f.name, "") + _choices(f.name) + f" (default: {f.default})")
     return parser
