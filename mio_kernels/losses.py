@@ -156,6 +156,9 @@ def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float)
 
 register_loss("mio", mio_loss, pairwise=False, coupling="separable")
 DEFAULT_LOSS = "mio"  # the JS bound of the MIO paper
+
+# TRL's (and Liger's) names of the same losses
+TRL_LOSS_ALIASES = {"sigmoid": "dpo", "nca_pair": "mio"}
 register_loss("dpo", dpo_loss, pairwise=False, coupling="difference")
 register_loss("ipo", _average_over_pairs(ipo_pair), pairwise=True, coupling="difference", length_normalized=True)
 register_loss("hinge", _average_over_pairs(hinge_pair), pairwise=True, coupling="difference")

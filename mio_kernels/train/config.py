@@ -18,15 +18,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mio_kernels.backends import BACKEND_NAMES
-from mio_kernels.losses import DEFAULT_LOSS, LOSSES
+from mio_kernels.losses import DEFAULT_LOSS, LOSSES, TRL_LOSS_ALIASES  # aliases: accepted by --loss-type
 from mio_kernels.objective import PreferenceConfig
 from mio_kernels.train.data import BUILTIN_DATASET
 from mio_kernels.train.model import BUILTIN_MODEL
 from mio_kernels.validation import check_config
-
-
-# TRL's names of the same losses (as MIOTrainer takes them), accepted by --loss-type
-TRL_LOSS_ALIASES = {"sigmoid": "dpo", "nca_pair": "mio"}
 
 
 @dataclass
