@@ -88,8 +88,9 @@ def _check_number(name: str, value, minimum_exclusive: float = 0.0) -> None:
 
 def _check_grpo_inputs(cfg: GRPOConfig, hidden, weight, labels, bias, cu_seqlens, advantages, old_logps, ref_logps,
                        importance_weights, max_completion_length, num_items_in_batch, ignore_index: int,
-                       check_values: bool) -> int:
+                       check_values: bool, backward_mode: str) -> int:
     check_grpo_config(cfg)
+    check_backward_mode(backward_mode)
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index, check_label_values=check_values)
     num_sequences = check_packing(hidden, cu_seqlens, check_values)
     if cu_seqlens is None and labels.dim() != 2:
@@ -318,10 +319,9 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantage
                      use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
                      sapo_temperature_neg=sapo_temperature_neg)
     check_transform(temperature, logit_scale, final_logit_softcapping)
-    check_backward_mode(backward_mode)
     num_sequences = _check_grpo_inputs(cfg, hidden, weight, labels, bias, cu_seqlens, advantages, old_logps,
                                        ref_logps, importance_weights, max_completion_length, num_items_in_batch,
-                                       ignore_index, check_values)
+                                       ignore_index, check_values, backward_mode)
     transform = LogitTransform.of(temperature, logit_scale, final_logit_softcapping)
     backend = resolve_backend(backend, hidden.device)
     labels = labels.long()
