@@ -369,14 +369,14 @@ def test_parity_with_trl_compute_loss(loss_type, level, variant):
     g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
     grads_trl = torch.autograd.grad((lp64 * g_lp).sum() + (ent64 * g_ent).sum(), (h, w, b))
     scale = oracle(case)[3]
-    assert abs(float(out.loss.detach()) - float(loss)) <= 1e-5 * scale
+    assert abs(float(out.loss.detach()) - float(loss.detach())) <= 1e-5 * scale
     for name, g, r in zip(("hidden", "weight", "bias"), grads, grads_trl):
         assert rel(g, r) <= 1e-5, (name, rel(g, r))
     assert set(out.metrics) == set(metrics), (sorted(out.metrics), sorted(metrics))
     for k, v in metrics.items():
         assert abs(float(out.metrics[k]) - float(v)) <= 1e-5 * max(1.0, abs(float(v))), (k, float(out.metrics[k]), v)
     key = "grpo op vs TRL _compute_loss (loss, grads)"
-    WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), abs(float(out.loss.detach()) - float(loss)) / scale,
+    WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), abs(float(out.loss.detach()) - float(loss.detach())) / scale,
                             *(rel(g, r) for g, r in zip(grads, grads_trl)))
 
 
