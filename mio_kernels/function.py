@@ -254,7 +254,7 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     ref_logps = None if ref_logps is None else ref_logps.detach()
     if backward_mode == "single_pass":
         loss, policy_logps, metrics, policy_sums = SinglePassPreferenceLossFunction.apply(
-            hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, check_values)
+            hidden, weight, labels, _contiguous(bias), cu_seqlens, ref_logps, cfg, check_values)
     else:
         loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
             hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)

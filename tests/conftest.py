@@ -18,6 +18,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WORST_ERRORS = {}  # "backend dtype" -> worst relative error against the float64 oracle
 
 
+def pytest_addoption(parser):
+    # tests/test_random_differential.py: how many seeded random cases, from which seed
+    # (also MIO_RANDOM_CASES / MIO_RANDOM_SEED; the options win).
+    parser.addoption("--random-cases", type=int, default=None,
+                     help="number of randomized differential cases (default: the CI count)")
+    parser.addoption("--random-seed", type=int, default=None,
+                     help="seed of the first randomized differential case (case i uses seed + i)")
+
+
 def pytest_terminal_summary(terminalreporter):
     if WORST_ERRORS:
         terminalreporter.write_line("worst relative error vs float64 reference: " + ", ".join(
