@@ -149,9 +149,10 @@ def sppo_hard_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float
 
 
 def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
-    """(1 - sig(beta u_w)) + sig(beta u_l)."""
-    sw, sl = torch.sigmoid(beta * u_w), torch.sigmoid(beta * u_l)
-    return PairLoss((1.0 - sw) + sl, -beta * sw * (1.0 - sw), beta * sl * (1.0 - sl))
+    """(1 - sig(beta u_w)) + sig(beta u_l); 1 - sig(z) taken as sig(-z), exact where sig(z) -> 1."""
+    zw, zl = beta * u_w, beta * u_l
+    sw, sl, not_w = torch.sigmoid(zw), torch.sigmoid(zl), torch.sigmoid(-zw)
+    return PairLoss(not_w + sl, -beta * sw * not_w, beta * sl * torch.sigmoid(-zl))
 
 
 register_loss("mio", mio_loss, pairwise=False, coupling="separable")
