@@ -66,6 +66,12 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES[name]
 
 
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + e^x). F.softplus's default threshold (x for x > 20) is off by e^-20 ~ 2e-9, in value
+    and in autograd's gradient (the reference backend's), which fp64 sees; e^-40 is below fp64's eps."""
+    return F.softplus(x, threshold=40.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The two MI losses, defined for any K.
 
@@ -75,7 +81,7 @@ def dpo_loss(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing:
     rewards = beta * torch.cat([u_chosen[None], u_rejected], dim=0)          # [K+1, P]
     # = log(1 + sum_k e^(r_k - r_w)), written as softplus(logsumexp_k(r_k - r_w)) so that a tiny
     # loss keeps its relative precision (log of 1 + tiny would not).
-    loss = F.softplus(torch.logsumexp(rewards[1:] - rewards[0], dim=0))
+    loss = _softplus(torch.logsumexp(rewards[1:] - rewards[0], dim=0))
     weights = torch.softmax(rewards, dim=0)[1:]             # dL/dr_k = softmax_k for each negative,
     return PerPromptLoss(loss, -beta * weights.sum(0), beta * weights)  # dL/dr_w = softmax_w - 1 = -sum_k softmax_k
 
@@ -84,7 +90,7 @@ def mio_loss(u_chosen: Tensor, u_rejected: Tensor, beta: float, label_smoothing:
     """JS form: L = sp(-r_w) + (sp(r_w) + sum_k sp(r_k)) / (K+1). K=1 is nca_pair."""
     k_plus_1 = u_rejected.shape[0] + 1
     r_w, r_l = beta * u_chosen, beta * u_rejected
-    loss = F.softplus(-r_w) + (F.softplus(r_w) + F.softplus(r_l).sum(0)) / k_plus_1
+    loss = _softplus(-r_w) + (_softplus(r_w) + _softplus(r_l).sum(0)) / k_plus_1
     # Chosen gradient vanishes at r_w = ln(K+1): pulled up, then held, never pushed down.
     grad_w = -torch.sigmoid(-r_w) + torch.sigmoid(r_w) / k_plus_1
     grad_l = torch.sigmoid(r_l) / k_plus_1
@@ -138,7 +144,7 @@ def robust_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -
 def bco_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
     """-log sig(beta u_w) - log sig(-beta u_l)."""
     zw, zl = beta * u_w, beta * u_l
-    loss = F.softplus(-zw) + F.softplus(zl)
+    loss = _softplus(-zw) + _softplus(zl)
     return PairLoss(loss, -beta * torch.sigmoid(-zw), beta * torch.sigmoid(zl))
 
 

@@ -853,3 +853,19 @@ def test_apo_zero_saturated_rewards(backend, dtype):
     exact = _oracle_loss_grads(h.double(), w.double(), y, ref_logps=ref, loss_type="apo_zero", beta=0.5, K=1,
                                P=1)["d_weight"]
     assert _err(leaf.grad, exact) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("loss_type", ["mio", "bco_pair", "dpo"])
+def test_softplus_beyond_its_default_threshold_fp64(loss_type):
+    """Seed 101808: F.softplus returns x for x > 20 (off by e^-20 ~ 2e-9), in the loss and in the
+    reference backend's autograd gradient: 1.5e-10 relative in fp64 d_weight at |beta*u| ~ 25."""
+    torch.manual_seed(0)
+    h, w, y = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64), \
+        torch.randint(0, 50, (2, 6))
+    sums = fused_mio_loss(h, w, y, reference_free=True, backend="reference").policy_sums
+    ref = torch.stack([sums[0] + 50, sums[1] - 50])        # beta * u = -25 (chosen), +25 (rejected)
+    leaf = w.clone().requires_grad_()
+    out = fused_mio_loss(h, leaf, y, ref_logps=ref, loss_type=loss_type, beta=0.5, backend="reference")
+    out.loss.backward()
+    exact = _oracle_loss_grads(h, w, y, ref_logps=ref, loss_type=loss_type, beta=0.5, K=1, P=1)
+    assert _err(out.loss, exact["loss"]) <= 1e-10 and _err(leaf.grad, exact["d_weight"]) <= 1e-10
