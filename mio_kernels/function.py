@@ -220,14 +220,11 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     Scored logits: z = c * tanh(s * x / c) / T with x = hidden @ weight.T (+ bias), c =
     final_logit_softcapping, s = logit_scale, T = temperature (without c: z = s * x / T); the same
     transform scores the reference model's states.
-    Loss formulas: mio_kernels/losses.py. check_values (two host syncs; turn off for a sync-free step once
-    the data pipeline is trusted) checks: labels in [0, V) or ignore_index (and warns once when none is
-    scored), the values of cu_seqlens, ref_logps finite, and every sequence log-prob finite, a non-finite
-    one traced to hidden, weight, bias (or ref_hidden, ref_weight, ref_bias). It does not read hidden at
-    ignored positions: the loss and the native backend never do; the triton and reference backends'
-    weight gradient does carry a NaN/inf from there (0 * NaN).
-    backward_mode: "auto" | "single_pass" (the gradient formed in the forward: 6 N H V FLOPs instead
-    of 8) | "recompute"; when auto takes which, and the accumulators' memory: mio_kernels/single_pass.py.
+    Loss formulas: mio_kernels/losses.py. check_values (two host syncs) checks labels in [0, V) or
+    ignore_index (warns once when none is scored), cu_seqlens, ref_logps finite, and every sequence
+    log-prob finite (a non-finite one traced to its input); not hidden at ignored positions (the
+    triton and reference weight gradients carry a NaN/inf from there: 0 * NaN).
+    backward_mode: "auto" | "single_pass" (6 N H V FLOPs instead of 8) | "recompute": mio_kernels/single_pass.py.
     """
     cfg = PreferenceConfig(loss_type=loss_type, beta=beta, num_negatives=num_negatives,
                            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
