@@ -236,7 +236,6 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     backend = resolve_backend(backend, hidden.device)
     labels = labels.long()
     backward_mode = resolve_backward_mode(backward_mode, backend, cfg, hidden, weight, labels, bias)
-
     if backend == "reference":
         out = reference_preference_loss(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
                                         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
