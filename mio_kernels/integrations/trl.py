@@ -1,4 +1,5 @@
-"""TRL integration: `MIOTrainer` (a `trl.DPOTrainer`) and `MIOConfig` (a `trl.DPOConfig`).
+"""TRL integration: `MIOTrainer` (a `trl.DPOTrainer`) and `MIOConfig` (a `trl.DPOConfig`); for GRPO,
+`MIOGRPOTrainer` (a `trl.GRPOTrainer`) and `MIOGRPOConfig` (a `trl.GRPOConfig`): see MIOGRPOTrainer.
 
 The loss comes from `fused_mio_loss` on the backbone's last hidden states and the LM head weight:
 the logits are never whole, the backward is the op's single pass, and `mio`/`dpo` take K >= 1
@@ -399,3 +400,229 @@ class MIOTrainer(DPOTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+# ================================================================================================ GRPO
+
+from trl import GRPOConfig as _TRLGRPOConfig  # noqa: E402
+from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
+
+from mio_kernels.grpo import fused_grpo_loss  # noqa: E402
+from mio_kernels.grpo_losses import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402
+from trl.trainer.utils import nanmax, nanmin  # noqa: E402
+
+
+@dataclass
+class MIOGRPOConfig(_TRLGRPOConfig):
+    """`trl.GRPOConfig` plus the fused op's options; every GRPOConfig option MIOGRPOTrainer cannot honour
+    is refused here (a plain GRPOConfig is checked the same way by the trainer)."""
+
+    mio_backend: str = field(default="auto", metadata={"help": "fused_grpo_loss backend: auto, triton, native, "
+                                                               "reference."})
+    mio_backward_mode: str = field(default="auto", metadata={"help": "fused_grpo_loss backward_mode: auto, "
+                                                                     "single_pass, recompute."})
+
+    def __post_init__(self):
+        # as MIOConfig: GRPOConfig defaults gradient_checkpointing=True; carry it to the current name
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
+        super().__post_init__()
+        check_grpo_options(self)
+
+
+def check_grpo_options(args: _TRLGRPOConfig) -> None:
+    """ValueError naming the GRPOConfig option the fused op cannot express."""
+    if args.loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"MIOGRPOTrainer: loss_type={args.loss_type!r} is not supported by the fused loss "
+                         f"(one of {list(GRPO_LOSS_TYPES)})")
+    refused = {
+        # each needs the whole batch's log-probs / entropies before any token's coefficient is known
+        "top_entropy_quantile": args.top_entropy_quantile < 1.0,
+        "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
+        # Liger replaces the model's forward (TRL refuses its fused linear cross-entropy for the same reason)
+        "use_liger_kernel": bool(args.use_liger_kernel),
+    }
+    for option, bad in refused.items():
+        if bad:
+            raise ValueError(f"MIOGRPOTrainer: {option}={getattr(args, option)!r} is not supported by the fused loss")
+    backend = getattr(args, "mio_backend", "auto")
+    if backend not in ("auto", "triton", "native", "reference"):
+        raise ValueError(f"MIOGRPOTrainer: mio_backend must be auto, triton, native or reference, got {backend!r}")
+    mode = getattr(args, "mio_backward_mode", "auto")
+    if mode not in ("auto", "single_pass", "recompute"):
+        raise ValueError(f"MIOGRPOTrainer: mio_backward_mode must be auto, single_pass or recompute, got {mode!r}")
+    if mode == "single_pass" and args.importance_sampling_level == "sequence":
+        raise ValueError("MIOGRPOTrainer: mio_backward_mode='single_pass' needs importance_sampling_level='token'")
+
+
+class MIOGRPOTrainer(_TRLGRPOTrainer):
+    """`trl.GRPOTrainer` whose per-token log-probs, entropies and loss come from `fused_grpo_loss` on
+    the backbone's last hidden states and the LM head weight (the logits are never whole). Same
+    arguments as GRPOTrainer; `args` a `MIOGRPOConfig` (or a plain `GRPOConfig`, checked the same way).
+
+    Generation, rewards, advantages and the reference / old log-probs are TRL's own. The training
+    loss, its gradient-accumulation and process scaling, the entropy bonus (static or adaptive) and
+    the logged metrics (kl, entropy, clip_ratio/*, cispo_clip_ratio, policy_loss, entropy_coef) are
+    TRL's, in TRL's units and cross-process reductions. Refused at construction: top_entropy_quantile
+    < 1, off_policy_mask_threshold, loss_type='vespo', use_liger_kernel, MoE router aux losses,
+    vision inputs, and heads the op cannot express."""
+
+    def __init__(self, model, reward_funcs=None, args: Optional[_TRLGRPOConfig] = None, *posargs, **kwargs):
+        if args is None:
+            raise ValueError("MIOGRPOTrainer: pass args=MIOGRPOConfig(...)")
+        check_grpo_options(args)
+        if not isinstance(model, str):
+            head_transform(model)  # refuse a head the op cannot express before TRL loads anything
+        processing_class = kwargs.get("processing_class", posargs[2] if len(posargs) > 2 else None)
+        from transformers import ProcessorMixin
+        if isinstance(processing_class, ProcessorMixin):
+            raise ValueError("MIOGRPOTrainer: vision-language processors (multimodal inputs) are not supported")
+        self.mio_backend = getattr(args, "mio_backend", "auto")
+        self.mio_backward_mode = getattr(args, "mio_backward_mode", "auto")
+        super().__init__(model, reward_funcs, args, *posargs, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError("MIOGRPOTrainer: MoE router aux losses are not supported (set router_aux_loss_coef=0)")
+        self._head_options = head_transform(self.accelerator.unwrap_model(self.model))
+
+    def _patched(self, model):
+        inner = self.accelerator.unwrap_model(model)
+        _add_mio_head(inner.get_base_model() if is_peft_model(inner) else inner)
+        return model
+
+    def _compute_loss(self, model, inputs):
+        """TRL's `_compute_loss` with the policy's log-probs, entropies and loss from the fused op."""
+        for key in ("pixel_values", "image_grid_thw", "num_images", "token_type_ids", "mm_token_type_ids"):
+            if inputs.get(key) is not None:
+                raise ValueError(f"MIOGRPOTrainer: multimodal input {key!r} is not supported")
+        args, mode = self.args, ("train" if self.model.training else "eval")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        width = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        labels[:, :-width] = IGNORE_INDEX
+        labels[:, -width:] = labels[:, -width:].masked_fill(mask == 0, IGNORE_INDEX)
+
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_items = None
+        if self.loss_type in ("dapo", "cispo"):
+            # TRL divides by num_items / processes * accumulation / steps_per_generation (train); the op's
+            # loss is divided by the accumulation below, with the entropy bonus, as TRL's
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items / args.steps_per_generation
+        if not self._entropy_bonus_enabled:
+            entropy_coef = 0.0
+        elif self.use_adaptive_entropy:
+            entropy_coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
+        else:
+            entropy_coef = self.entropy_coef
+        advantages = inputs["advantages"]
+        importance = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            importance = inputs["importance_sampling_ratio"]
+            if importance.dim() == 2 and importance.shape[1] == 1:
+                importance = importance[:, 0]
+        options = dict(advantages=advantages, old_logps=inputs.get("old_per_token_logps"),
+                       ref_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+                       importance_weights=importance, loss_type=self.loss_type, epsilon_low=self.epsilon_low,
+                       epsilon_high=self.epsilon_high, delta=args.delta, beta=self.beta,
+                       importance_sampling_level=self.importance_sampling_level, entropy_coef=entropy_coef,
+                       max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
+                       temperature=self.temperature, use_bias_correction_kl=args.use_bias_correction_kl,
+                       sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+                       ignore_index=IGNORE_INDEX, backend=self.mio_backend, backward_mode=self.mio_backward_mode,
+                       log_entropy=True, **self._head_options)
+        cast_fp32 = bool(args.cast_lm_head_to_fp32)
+
+        def head(hidden, weight, bias, shifted):
+            hidden, shifted = hidden[:, -width:], shifted[:, -width:]  # the completion's positions
+            if cast_fp32:
+                hidden, weight = hidden.float(), weight.float()
+                bias = None if bias is None else bias.float()
+            out = fused_grpo_loss(hidden, weight, shifted, bias=bias, **options)
+            return {"loss": out.loss, "logps": out.token_logps, "entropy": out.token_entropy,
+                    "policy_loss": out.metrics.get("policy_loss", out.loss.detach())}
+
+        with self.accelerator.autocast():
+            out = self._patched(model)(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                       mio_head=head)
+        loss = out["loss"] / accumulation
+        self._log_grpo_metrics(mode, out, inputs, mask, accumulation)
+        return loss
+
+    def _log_grpo_metrics(self, mode, out, inputs, mask, accumulation) -> None:
+        """TRL's `_compute_loss` metrics and adaptive-entropy update, from the op's detached per-token
+        log-probs and entropies (same names, units and cross-process reductions)."""
+        args, metrics = self.args, self._metrics[mode]
+        per_token_logps, entropies = out["logps"].detach(), out["entropy"].detach()
+        mask = mask.to(per_token_logps.dtype)
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps if old is None else old
+        log_ratio = per_token_logps - old
+        if self.importance_sampling_level == "token":
+            log_weights = log_ratio
+        else:
+            log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_weights)
+
+        if self._entropy_bonus_enabled:
+            policy_loss = out["policy_loss"].detach().float()
+            if self.loss_type in ("dapo", "cispo"):  # TRL's policy_loss is after its normaliser
+                policy_loss = policy_loss / accumulation
+            metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if self.use_adaptive_entropy and mode == "train":
+                stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
+                self._entropy_window_stats = (stats if self._entropy_window_stats is None
+                                              else self._entropy_window_stats + stats)
+                if self.accelerator.sync_gradients:
+                    window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                    if world_entropy <= args.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                    self._last_world_entropy = world_entropy
+                    self._entropy_window_stats = None
+            if mode == "train" and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:
+                return x.squeeze(1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if args.use_bias_correction_kl:
+                kl = kl * coef_1
+            metrics["kl"].append(global_masked_mean(kl))
+        metrics["entropy"].append(global_masked_mean(entropies))
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            if args.delta is not None:
+                coef_1 = torch.clamp(coef_1, max=args.delta)
+            low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
+            high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+        elif self.loss_type == "cispo":
+            clipped = ((coef_1 > self.epsilon_high) & (advantages > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))
