@@ -66,10 +66,13 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// expf on [-87, 88] (inputs outside are clamped: the epilogue only sees z - max <= 0, where
-// exp(-87) ~ 1.6e-38 is as good as 0). Cephes polynomial, ~1 ulp.
-// Branch-free and libm-free so that the loops calling it vectorise; NaN propagates.
+// expf on [-87, 88]: 0 below (where expf is denormal or 0), clamped above (the epilogue only sees
+// z - max <= 0). Not exp(-87) below: the entropy's moment sums exp(d) * d, and at d ~ -1e3 a
+// floor of 1.6e-38 would dominate a near-certain row's entropy (and its gradient).
+// Cephes polynomial, ~1 ulp. Branch-free (selects) and libm-free so that the loops calling it
+// vectorise; NaN propagates.
 inline float exp_f32(float x) {
+  const float underflow = x < -87.0f ? 0.0f : 1.0f;
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   // n = round(x * log2(e)) by the 1.5 * 2^23 trick: t's low mantissa bits hold n itself,
@@ -91,7 +94,7 @@ inline float exp_f32(float x) {
   bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * scale * underflow;
 }
 
 MIO_ISA_CLONES float row_max_f32(const float* z, int64_t V) {

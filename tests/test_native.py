@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mio_kernels import _native
+from mio_kernels import _native, linear_logprobs
 from mio_kernels.backends import native_backend, resolve_backend
 from mio_kernels.backends.native_backend import NativeBackend, chunk_budget_bytes, set_chunk_budget_bytes
 from mio_kernels.reference import reference_token_logprobs
@@ -365,3 +365,24 @@ def test_cuda_huge_logits_and_ignored_rows():
     grad[:10] = 0.0
     logp, lse, d_h, d_w, d_b = run_native(h, w, labels, b, grad)
     assert torch.isfinite(lse).all() and (logp[:10] == 0).all() and (d_h[:10] == 0).all()
+
+
+def test_entropy_of_near_certain_rows():
+    """exp below fp32's range is 0, not exp(-87): the entropy's moment sums exp(d) * d, and a floor of
+    1.6e-38 at d ~ -4e3 put ~3e-32 into rows whose entropy is 1e-35 or 0. Compared with the float64
+    closed forms, H = -sum p log p and dH/dz = -p (log p + H) (autograd through log_softmax loses
+    these rows' gradient to cancellation, in float64 too)."""
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(6, 4), torch.randn(448, 4) * 400
+    labels = torch.randint(0, 448, (6,))
+    x = hidden.clone().requires_grad_()
+    _, entropy = linear_logprobs(x, weight, labels, backend="native", logit_scale=1.752, return_entropy=True)
+    entropy.sum().backward()
+    z = (hidden.double() @ weight.double().T) * 1.752
+    log_p = torch.log_softmax(z, -1)
+    exact = -(log_p.exp() * log_p).sum(-1)
+    d_z = -log_p.exp() * (log_p + exact[:, None])
+    exact_grad = (d_z * 1.752) @ weight.double()
+    # fp32 logits of ~3e3 carry ~2e-4 of rounding into each gap (d log p = d gap): ~1e-3 relative
+    assert ((entropy.double() - exact).abs() <= 1e-3 * exact.abs() + 1e-37).all(), (entropy, exact)
+    assert ((x.grad.double() - exact_grad).norm() / exact_grad.norm()).item() <= 1e-3
