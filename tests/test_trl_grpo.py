@@ -68,7 +68,7 @@ def tiny_model(tokenizer, save_to=None):
 
 def options(out, **kw):
     base = dict(output_dir=str(out), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
-                max_steps=3, num_iterations=2, epsilon=0.02, learning_rate=0.05, optim="sgd", logging_steps=1,
+                max_steps=3, num_iterations=2, epsilon=0.002, learning_rate=0.05, optim="sgd", logging_steps=1,
                 save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
                 dataloader_num_workers=0)
     base.update(kw)
@@ -134,7 +134,7 @@ def compare(ours, theirs):
 
 
 CASES = {"grpo": dict(loss_type="grpo"), "dapo": dict(loss_type="dapo"), "dr_grpo": dict(loss_type="dr_grpo"),
-         "cispo": dict(loss_type="cispo", epsilon_high=1.01),
+         "cispo": dict(loss_type="cispo", epsilon_high=1.001),
          "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4)}
 
 
