@@ -48,7 +48,8 @@ import bench_interleaved  # noqa: E402
 import bench_loss as bench  # noqa: E402
 import grpo_impls as impls_mod  # noqa: E402
 import loss_measure as measure  # noqa: E402
-from grpo_impls import IMPL_NAMES, OURS, PEER_NAMES, GRPOInputs, GRPOOptions, first_line  # noqa: E402
+from grpo_impls import IMPL_NAMES, OURS, PEER_NAMES, GRPOInputs, GRPOOptions  # noqa: E402
+from loss_impls import first_line  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 DEFAULT_SHAPE = "2x8192x256x32000"

@@ -49,6 +49,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from loss_impls import _import_error
+
 Step = Callable[[], Tuple[Tensor, Optional[Tensor]]]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -401,19 +403,6 @@ def peer_version(name: str) -> Optional[str]:
         return importlib.metadata.version(PEER_PACKAGES[name])
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
-
-
-def _import_error(module: str) -> Optional[str]:
-    try:
-        importlib.import_module(module)
-    except Exception as err:  # a broken optional peer is skipped, whatever the reason
-        return f"import {module} failed: {first_line(err)}"
-    return None
 
 
 def _ours_unavailable(inputs: GRPOInputs) -> Optional[str]:

@@ -88,12 +88,14 @@ def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, l
     return None
 
 
-def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfig, hidden: Tensor, weight: Tensor,
-                          labels: Tensor, bias: Optional[Tensor]) -> str:
-    """-> "single_pass" or "recompute" for this call (see the module docstring)."""
+def single_pass_candidate(backward_mode: str, backend: str, hidden: Tensor, weight: Tensor,
+                          bias: Optional[Tensor]) -> bool:
+    """Whether a call may take the single pass, before any loss-specific check: False for
+    "recompute", forward-only calls, other backends under "auto" and calls traced by
+    torch.compile under "auto"; an explicit "single_pass" that cannot run raises saying why."""
     check_backward_mode(backward_mode)
     if backward_mode == "recompute":
-        return "recompute"
+        return False
     if backward_mode == "single_pass" and backend not in SINGLE_PASS_BACKENDS:
         raise ValueError(f"backward_mode='single_pass' cannot run: backend={backend!r} has no single-pass backward "
                          f"(only {SINGLE_PASS_BACKENDS}: the Triton kernels stream the vocabulary with an online "
@@ -102,10 +104,16 @@ def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfi
         if backward_mode == "single_pass":
             raise ValueError("backward_mode='single_pass' cannot run: torch.compile cannot trace it (data-dependent "
                              "schedule); use backward_mode='auto'")
-        return "recompute"
+        return False
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not needs_grad or backend not in SINGLE_PASS_BACKENDS:
-        return "recompute"   # forward only: no gradient work in either mode
+    return needs_grad and backend in SINGLE_PASS_BACKENDS   # forward only: no gradient work in either mode
+
+
+def resolve_backward_mode(backward_mode: str, backend: str, cfg: PreferenceConfig, hidden: Tensor, weight: Tensor,
+                          labels: Tensor, bias: Optional[Tensor]) -> str:
+    """-> "single_pass" or "recompute" for this call (see the module docstring)."""
+    if not single_pass_candidate(backward_mode, backend, hidden, weight, bias):
+        return "recompute"
     reason = single_pass_blocker(cfg, hidden, weight, labels, bias, explicit=backward_mode == "single_pass")
     if reason is None:
         return "single_pass"

@@ -50,6 +50,16 @@ TRL_LOSS_TYPES = {"sigmoid": "dpo", "nca_pair": "mio", "ipo": "ipo", "hinge": "h
 IGNORE_INDEX = -100
 
 
+def _carry_checkpointing_names(config) -> None:
+    """TRL's configs default `gradient_checkpointing` (to True), which transformers deprecates in favour of
+    `activation_checkpointing` with a FutureWarning at every construction: carry the value over to the
+    new name first, so the same setting takes effect and nothing warns."""
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if hasattr(config, new) and getattr(config, new) is None and getattr(config, old, None) is not None:
+            setattr(config, new, getattr(config, old))
+
+
 @dataclass
 class MIOConfig(DPOConfig):
     """`DPOConfig` plus the fused op's options; every DPOConfig option MIOTrainer cannot honour is refused here."""
@@ -60,13 +70,7 @@ class MIOConfig(DPOConfig):
                                                                "reference."})
 
     def __post_init__(self):
-        # DPOConfig defaults `gradient_checkpointing` (to True), which transformers deprecates in favour of
-        # `activation_checkpointing` with a FutureWarning at every construction: carry the value over to
-        # the new name first, so the same setting takes effect and nothing warns.
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
-                setattr(self, new, getattr(self, old))
+        _carry_checkpointing_names(self)
         super().__post_init__()
         check_trl_options(self)
 
@@ -423,11 +427,7 @@ class MIOGRPOConfig(_TRLGRPOConfig):
                                                                      "single_pass, recompute."})
 
     def __post_init__(self):
-        # as MIOConfig: GRPOConfig defaults gradient_checkpointing=True; carry it to the current name
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
-                setattr(self, new, getattr(self, old))
+        _carry_checkpointing_names(self)
         super().__post_init__()
         check_grpo_options(self)
 
@@ -455,6 +455,20 @@ def check_grpo_options(args: _TRLGRPOConfig) -> None:
         raise ValueError(f"MIOGRPOTrainer: mio_backward_mode must be auto, single_pass or recompute, got {mode!r}")
     if mode == "single_pass" and args.importance_sampling_level == "sequence":
         raise ValueError("MIOGRPOTrainer: mio_backward_mode='single_pass' needs importance_sampling_level='token'")
+
+
+def _grpo_batch(inputs):
+    """TRL's generation batch -> (input_ids, attention_mask, labels scoring the completion's kept tokens,
+    the completion's loss mask (tool-call tokens masked out as TRL does))."""
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    width = completion_ids.size(1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :-width] = IGNORE_INDEX
+    labels[:, -width:] = labels[:, -width:].masked_fill(mask == 0, IGNORE_INDEX)
+    return input_ids, attention_mask, labels, mask
 
 
 class MIOGRPOTrainer(_TRLGRPOTrainer):
@@ -497,15 +511,8 @@ class MIOGRPOTrainer(_TRLGRPOTrainer):
             if inputs.get(key) is not None:
                 raise ValueError(f"MIOGRPOTrainer: multimodal input {key!r} is not supported")
         args, mode = self.args, ("train" if self.model.training else "eval")
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        width = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        labels[:, :-width] = IGNORE_INDEX
-        labels[:, -width:] = labels[:, -width:].masked_fill(mask == 0, IGNORE_INDEX)
-
+        input_ids, attention_mask, labels, mask = _grpo_batch(inputs)
+        width = inputs["completion_ids"].size(1)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         num_items = None
         if self.loss_type in ("dapo", "cispo"):
@@ -514,12 +521,6 @@ class MIOGRPOTrainer(_TRLGRPOTrainer):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items / args.steps_per_generation
-        if not self._entropy_bonus_enabled:
-            entropy_coef = 0.0
-        elif self.use_adaptive_entropy:
-            entropy_coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
-        else:
-            entropy_coef = self.entropy_coef
         advantages = inputs["advantages"]
         importance = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
@@ -530,7 +531,7 @@ class MIOGRPOTrainer(_TRLGRPOTrainer):
                        ref_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
                        importance_weights=importance, loss_type=self.loss_type, epsilon_low=self.epsilon_low,
                        epsilon_high=self.epsilon_high, delta=args.delta, beta=self.beta,
-                       importance_sampling_level=self.importance_sampling_level, entropy_coef=entropy_coef,
+                       importance_sampling_level=self.importance_sampling_level, entropy_coef=self._current_entropy_coef(),
                        max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
                        temperature=self.temperature, use_bias_correction_kl=args.use_bias_correction_kl,
                        sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
@@ -554,6 +555,38 @@ class MIOGRPOTrainer(_TRLGRPOTrainer):
         self._log_grpo_metrics(mode, out, inputs, mask, accumulation)
         return loss
 
+    def _current_entropy_coef(self) -> float:
+        """The entropy bonus's coefficient for this step, as TRL's (static, or adaptive: on while the last
+        window's entropy is at or under the target)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def _log_entropy_bonus(self, mode, out, entropies, mask, accumulation) -> None:
+        """TRL's policy_loss and entropy_coef metrics and its adaptive-entropy window update."""
+        args, metrics = self.args, self._metrics[mode]
+        policy_loss = out["policy_loss"].detach().float()
+        if self.loss_type in ("dapo", "cispo"):  # TRL's policy_loss is after its normaliser
+            policy_loss = policy_loss / accumulation
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
+            self._entropy_window_stats = (stats if self._entropy_window_stats is None
+                                          else self._entropy_window_stats + stats)
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                if world_entropy <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            metrics["entropy_coef"].append(self.entropy_coef)
+
     def _log_grpo_metrics(self, mode, out, inputs, mask, accumulation) -> None:
         """TRL's `_compute_loss` metrics and adaptive-entropy update, from the op's detached per-token
         log-probs and entropies (same names, units and cross-process reductions)."""
@@ -573,25 +606,7 @@ class MIOGRPOTrainer(_TRLGRPOTrainer):
         coef_1 = torch.exp(log_weights)
 
         if self._entropy_bonus_enabled:
-            policy_loss = out["policy_loss"].detach().float()
-            if self.loss_type in ("dapo", "cispo"):  # TRL's policy_loss is after its normaliser
-                policy_loss = policy_loss / accumulation
-            metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-            if self.use_adaptive_entropy and mode == "train":
-                stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
-                self._entropy_window_stats = (stats if self._entropy_window_stats is None
-                                              else self._entropy_window_stats + stats)
-                if self.accelerator.sync_gradients:
-                    window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                    world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
-                    if world_entropy <= args.entropy_target:
-                        self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
-                    else:
-                        self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
-                    self._last_world_entropy = world_entropy
-                    self._entropy_window_stats = None
-            if mode == "train" and self.accelerator.sync_gradients:
-                metrics["entropy_coef"].append(self.entropy_coef)
+            self._log_entropy_bonus(mode, out, entropies, mask, accumulation)
 
         def masked_seq_mean(x):
             if x.shape[1] == 1:
