@@ -154,7 +154,8 @@ def token_batch(cfg: GRPOConfig, labels: Tensor, cu_seqlens: Optional[Tensor], n
                                    default_length if max_completion_length is None else max_completion_length,
                                    num_items_in_batch),
         entropy_weight=mask / mask.sum().clamp(min=1.0),
-        num_sequences=num_sequences, advantages_per_sequence=per_sequence_adv)
+        num_sequences=num_sequences, advantages_per_sequence=per_sequence_adv,
+        sequence_advantages=advantages.detach().to(torch.float64) if per_sequence_adv else None)
 
 
 def resolve_grpo_backward_mode(backward_mode: str, backend: str, cfg: GRPOConfig, hidden: Tensor, weight: Tensor,
@@ -311,9 +312,9 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantage
     Metrics (TRL names, detached): clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max}
     (clipped types) or cispo_clip_ratio, kl (beta > 0), entropy (when computed: entropy_coef != 0 or
     log_entropy=True, which costs one more sweep over each logits chunk), policy_loss (entropy_coef != 0).
-    backward_mode: "auto" | "single_pass" | "recompute" (module docstring). check_values: label range,
-    cu_seqlens and NaN/inf checks of the inputs (host syncs).
+    backward_mode: auto | single_pass | recompute (module docstring). check_values: labels, cu_seqlens, NaN/inf.
     """
+    mode = resolve_grpo_backward_mode(backward_mode, backend, cfg, hidden, weight, bias)  # refuses single_pass
     cfg = GRPOConfig(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                      beta=beta, importance_sampling_level=importance_sampling_level, entropy_coef=entropy_coef,
                      use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
@@ -333,7 +334,7 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantage
         loss, token_logps, entropy, metrics = _reference(*args, with_entropy)
         if check_values:
             check_finite_result(token_logps, hidden=hidden, weight=weight, bias=bias)
-    elif resolve_grpo_backward_mode(backward_mode, backend, cfg, hidden, weight, bias) == "single_pass":
+    elif mode == "single_pass":
         loss, token_logps, entropy, metrics = GRPOTokenPassFunction.apply(*args, with_entropy, check_values)
     else:
         loss, token_logps, entropy, metrics = GRPOLossFunction.apply(*args, backend, with_entropy, check_values)

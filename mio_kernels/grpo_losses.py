@@ -102,6 +102,7 @@ class TokenBatch(NamedTuple):
     entropy_weight: Tensor                # [N] m_t / max(sum m, 1)
     num_sequences: int
     advantages_per_sequence: bool         # TRL's (B, 1) advantages: the clip metrics' shape
+    sequence_advantages: Optional[Tensor] = None   # [B] float64 when given per completion
 
 
 def aggregation_weights(loss_type: str, mask: Tensor, seq: Tensor, num_sequences: int,
@@ -264,29 +265,36 @@ def grpo_metrics(cfg: GRPOConfig, terms: TokenTerms, log_weights: Tensor, entrop
     # completion, metrics are means over completions; else (B, T) and token means.
     per_completion = not cfg.token_level and batch.advantages_per_sequence
     if per_completion:
-        # any token of a completion carries its ratio and advantage; one without tokens has w = 1
-        # (never clipped): 0
+        # any token of a completion carries its ratio and advantage; one without tokens has TRL's
+        # w = exp(0 / 1) = 1 and its own advantage (cispo with eps_high < 1 counts it as clipped)
         last = torch.full((num_seq,), -1, dtype=torch.long, device=m.device).scatter_reduce(
             0, seq, torch.arange(len(seq), device=m.device), "amax", include_self=True)
+        empty_ratio = torch.ones(num_seq, dtype=m.dtype, device=m.device)
+        empty_adv = torch.zeros_like(empty_ratio) if batch.sequence_advantages is None else batch.sequence_advantages
 
-        def seq_values(x: Tensor) -> Tensor:
-            return torch.where(last >= 0, x[last.clamp(min=0)], 0.0)
+        def seq_values(indicator) -> Tensor:
+            return torch.where(last >= 0, indicator(ratio, adv)[last.clamp(min=0)], indicator(empty_ratio, empty_adv))
 
-        def mean(x: Tensor) -> Tensor:
-            return seq_values(x).sum() / max(num_seq, 1)
+        def mean(indicator) -> Tensor:
+            return seq_values(indicator).sum() / max(num_seq, 1)
     else:
-        def seq_values(x: Tensor) -> Tensor:
-            return zeros.index_add(0, seq, x * m) / counts   # NaN for a completion without tokens
+        def seq_values(indicator) -> Tensor:
+            return zeros.index_add(0, seq, indicator(ratio, adv) * m) / counts   # NaN for a completion without tokens
 
-        mean = token_mean
+        def mean(indicator) -> Tensor:
+            return token_mean(indicator(ratio, adv))
     if cfg.loss_type in CLIPPED_LOSS_TYPES:
-        low = ((ratio < 1 - cfg.epsilon_low) & (adv < 0)).to(m.dtype)
-        high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).to(m.dtype)
+        def low(r: Tensor, a: Tensor) -> Tensor:
+            return ((r < 1 - cfg.epsilon_low) & (a < 0)).to(m.dtype)
+
+        def high(r: Tensor, a: Tensor) -> Tensor:
+            return ((r > 1 + cfg.eps_high) & (a > 0)).to(m.dtype)
+
         out["clip_ratio/low_mean"] = mean(low)
         out["clip_ratio/high_mean"] = mean(high)
-        out["clip_ratio/region_mean"] = mean(torch.maximum(low, high))
+        out["clip_ratio/region_mean"] = mean(lambda r, a: torch.maximum(low(r, a), high(r, a)))
         out["clip_ratio/low_min"] = _nanmin(seq_values(low))
         out["clip_ratio/high_max"] = _nanmax(seq_values(high))
     elif cfg.loss_type == "cispo":
-        out["cispo_clip_ratio"] = mean(((ratio > cfg.eps_high) & (adv > 0)).to(m.dtype))
+        out["cispo_clip_ratio"] = mean(lambda r, a: ((r > cfg.eps_high) & (a > 0)).to(m.dtype))
     return out

@@ -522,3 +522,55 @@ def test_non_finite_at_unscored_tokens_is_allowed():
     old[0, 0] = float("nan")
     labels[0, 0] = IGNORE       # only unscored tokens may hold nan when checked
     fused_grpo_loss(hidden, weight, labels, advantages=adv, old_logps=old, backend="reference")
+
+
+# ------------------------------------------------------------- found by the randomized suite
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_token_pass_non_contiguous_bias(dtype):
+    """Random suite seed 1201 (and 7 more in 300 cases): the token-level single pass handed a strided
+    fp32/fp64 bias to the extension's epilogue as is ('grad_epilogue: bias must be a contiguous [V]
+    tensor'). Now it equals the recompute path."""
+    torch.manual_seed(0)
+    h, w, y = torch.randn(3, 5, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype), torch.randint(0, 50, (3, 5))
+    adv, strided = torch.randn(3, dtype=dtype), torch.randn(100, dtype=dtype)[::2]
+    grads = []
+    for mode, bias in (("single_pass", strided), ("recompute", strided.contiguous())):
+        leaves = [h.clone().requires_grad_(), w.clone().requires_grad_(), bias.detach().requires_grad_()]
+        fused_grpo_loss(leaves[0], leaves[1], y, bias=leaves[2], advantages=adv, entropy_coef=0.01, backend="native",
+                        backward_mode=mode).loss.backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert rel(a, b) <= (1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_reference_backend_refuses_single_pass(level):
+    """Random suite: backend='reference' with an explicit backward_mode='single_pass' ran (plain autograd)
+    instead of raising the ValueError that every other backend without a single pass raises (and
+    fused_mio_loss raises there)."""
+    hidden, weight, labels, adv = _small()
+    with pytest.raises(ValueError, match="has no single-pass backward"):
+        fused_grpo_loss(hidden, weight, labels, advantages=adv, backend="reference", backward_mode="single_pass",
+                        importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["native"] if "native" in available_kernel_backends(CPU) else []))
+def test_cispo_clip_ratio_counts_an_empty_packed_completion(backend):
+    """Random suite seed 200050: sequence level, one advantage per completion, cispo with eps_high < 1
+    (its default, epsilon_low): TRL's (B, 1) ratio of a completion without tokens is exp(0 / 1) = 1 >
+    eps_high, clipped when its advantage is positive; the op counted a zero-length packed completion
+    as 0 (1/3 here instead of TRL's 2/3, which the padded form with a fully ignored row gave)."""
+    torch.manual_seed(0)
+    H, V = 8, 30
+    hidden, weight = torch.randn(7, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (7,))
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    opts = dict(advantages=adv, loss_type="cispo", importance_sampling_level="sequence", backend=backend)
+    packed = fused_grpo_loss(hidden, weight, labels, cu_seqlens=torch.tensor([0, 4, 4, 7]), **opts)
+    hp, yp = torch.zeros(3, 4, H), torch.full((3, 4), IGNORE)
+    hp[0], yp[0], hp[2, :3], yp[2, :3] = hidden[:4], labels[:4], hidden[4:], labels[4:]
+    padded = fused_grpo_loss(hp, weight, yp, **opts)
+    assert float(padded.metrics["cispo_clip_ratio"]) == pytest.approx(2 / 3)
+    assert float(packed.metrics["cispo_clip_ratio"]) == pytest.approx(2 / 3)

@@ -72,7 +72,7 @@ class _TokenWalk:
         self.cd = hidden.dtype if hidden.is_cuda else self.acc
         opts = dict(device=hidden.device, dtype=self.acc)
         self.hidden, self.weight, self.labels = hidden, weight.to(self.cd), labels
-        self.bias = None if bias is None else bias.to(self.acc)
+        self.bias = None if bias is None else bias.to(self.acc).contiguous()   # the epilogue needs a dense [V]
         self.coefficients, self.entropy_grad, self.transform = coefficients, entropy_grad, transform
         self.token_logps = torch.zeros(n_tokens, **opts)
         self.entropy = torch.zeros(n_tokens, **opts) if with_entropy else None
