@@ -314,7 +314,6 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantage
     log_entropy=True, which costs one more sweep over each logits chunk), policy_loss (entropy_coef != 0).
     backward_mode: auto | single_pass | recompute (module docstring). check_values: labels, cu_seqlens, NaN/inf.
     """
-    mode = resolve_grpo_backward_mode(backward_mode, backend, cfg, hidden, weight, bias)  # refuses single_pass
     cfg = GRPOConfig(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                      beta=beta, importance_sampling_level=importance_sampling_level, entropy_coef=entropy_coef,
                      use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
@@ -330,6 +329,7 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantage
                         max_completion_length, num_items_in_batch, ignore_index)
     with_entropy = cfg.entropy_coef != 0.0 or bool(log_entropy)
     args = (hidden, weight, labels, bias, batch, cfg, transform, ignore_index)
+    mode = resolve_grpo_backward_mode(backward_mode, backend, cfg, hidden, weight, bias)  # refuses single_pass
     if backend == "reference":
         loss, token_logps, entropy, metrics = _reference(*args, with_entropy)
         if check_values:
