@@ -38,12 +38,10 @@ from mio_kernels.grpo_losses import (GRPOConfig, TokenBatch, aggregation_weights
                                      grpo_metrics, grpo_objective, token_coefficients)
 from mio_kernels.reference import reference_token_logprobs
 from mio_kernels.sequence import result_dtype
-from mio_kernels.single_pass import _budget_bytes, check_backward_mode
+from mio_kernels.single_pass import SINGLE_PASS_BACKENDS, _budget_bytes, check_backward_mode, single_pass_candidate
 from mio_kernels.transform import LogitTransform
 from mio_kernels.validation import (check_finite_result, check_first_order_only, check_linear_inputs, check_packing,
                                     check_transform)
-
-SINGLE_PASS_BACKENDS = ("native",)
 
 
 @dataclass
@@ -161,24 +159,11 @@ def token_batch(cfg: GRPOConfig, labels: Tensor, cu_seqlens: Optional[Tensor], n
 def resolve_grpo_backward_mode(backward_mode: str, backend: str, cfg: GRPOConfig, hidden: Tensor, weight: Tensor,
                                bias: Optional[Tensor]) -> str:
     """-> "single_pass" or "recompute" for this call (module docstring)."""
-    check_backward_mode(backward_mode)
-    if backward_mode == "recompute":
-        return "recompute"
-    if backward_mode == "single_pass":
-        if backend not in SINGLE_PASS_BACKENDS:
-            raise ValueError(f"backward_mode='single_pass' cannot run: backend={backend!r} has no single-pass "
-                             f"backward (only {SINGLE_PASS_BACKENDS}); use backward_mode='auto' or 'recompute'")
-        if not cfg.token_level:
-            raise ValueError("backward_mode='single_pass' cannot run with importance_sampling_level='sequence': a "
-                             "token's coefficient depends on its whole completion's log-ratio; use "
-                             "backward_mode='auto' or 'recompute'")
-    if torch.compiler.is_compiling():   # the chunk schedule is read from the labels on the host
-        if backward_mode == "single_pass":
-            raise ValueError("backward_mode='single_pass' cannot run: torch.compile cannot trace it (data-dependent "
-                             "schedule); use backward_mode='auto'")
-        return "recompute"
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not needs_grad or backend not in SINGLE_PASS_BACKENDS or not cfg.token_level:
+    if backward_mode == "single_pass" and backend in SINGLE_PASS_BACKENDS and not cfg.token_level:
+        raise ValueError("backward_mode='single_pass' cannot run with importance_sampling_level='sequence': a "
+                         "token's coefficient depends on its whole completion's log-ratio; use "
+                         "backward_mode='auto' or 'recompute'")
+    if not single_pass_candidate(backward_mode, backend, hidden, weight, bias) or not cfg.token_level:
         return "recompute"
     return "single_pass"
 
