@@ -66,13 +66,15 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// expf on [-87, 88]: 0 below (where expf is denormal or 0), clamped above (the epilogue only sees
-// z - max <= 0). Not exp(-87) below: the entropy's moment sums exp(d) * d, and at d ~ -1e3 a
-// floor of 1.6e-38 would dominate a near-certain row's entropy (and its gradient).
-// Cephes polynomial, ~1 ulp. Branch-free (selects) and libm-free so that the loops calling it
-// vectorise; NaN propagates.
+// expf, denormal results included: on [-104, -87) as exp(x + 20) * exp(-20), 0 below -104 (not a
+// floor of exp(-87): the entropy's moment sums exp(d) * d, and at d ~ -1e3 a floor of 1.6e-38
+// would dominate a near-certain row's entropy), clamped above 88 (the epilogue only sees
+// z - max <= 0). Cephes polynomial, ~1 ulp. Branch-free (selects) and libm-free so that the loops
+// calling it vectorise; NaN propagates.
 inline float exp_f32(float x) {
-  const float underflow = x < -87.0f ? 0.0f : 1.0f;
+  const bool low = x < -87.0f;
+  const float underflow = x < -104.0f ? 0.0f : (low ? 2.061153622e-9f : 1.0f);   // exp(-20)
+  x = low ? x + 20.0f : x;
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   // n = round(x * log2(e)) by the 1.5 * 2^23 trick: t's low mantissa bits hold n itself,
@@ -157,31 +159,46 @@ inline double exp_any(double x) { return std::exp(x); }
 template <typename T>
 inline T tanh_from(T y, T e) { return std::copysign((T(1) - e) / (T(1) + e), y); }
 
-// {sum_j exp(z_j - m), sum_j exp(z_j - m) * (z_j - m)} with z_j = zf(j), one sweep: float lanes
-// over blocks of kBlock (like row_sumexp_f32), each block folded into doubles.
+// A row's sums over exp(z_j - m): s = sum_j exp(z_j - m), log_s = log(s), w = sum_j exp(z_j - m) (z_j - m).
+// log_s is formed as log(n) + log1p(rest / n) from the n maxima and the rest of the sum kept apart:
+// in a near-certain row the rest (1e-9 .. 1e-300) is all of its entropy, and 1 + rest rounds it away.
+struct RowSums {
+  double s, log_s, w;
+};
+
+inline RowSums row_sums(double maxima, double rest, double w) {
+  // no z_j equal to m (a softcapped row's m is recomputed in double): the plain log of the sum
+  const double log_s = maxima > 0.0 ? std::log(maxima) + std::log1p(rest / maxima) : std::log(maxima + rest);
+  return {maxima + rest, log_s, w};
+}
+
+// RowSums with z_j = zf(j), one sweep: float lanes over blocks of kBlock (like row_sumexp_f32), each
+// block folded into doubles; the maxima (z_j == m) are counted, not added to the lanes.
 template <typename T, typename ZF>
-inline std::pair<double, double> sums_impl(int64_t V, T m, ZF zf) {
-  double s = 0.0, w = 0.0;
+inline RowSums sums_impl(int64_t V, T m, ZF zf) {
+  double rest = 0.0, w = 0.0, maxima = 0.0;
   int64_t b = 0;
   for (; b + kBlock <= V; b += kBlock) {
-    T ls[kLanes] = {}, lw[kLanes] = {};
+    T ls[kLanes] = {}, lw[kLanes] = {}, ln[kLanes] = {};
     for (int64_t j = b; j < b + kBlock; j += kLanes)
       for (int k = 0; k < kLanes; ++k) {
-        const T d = zf(j + k) - m, e = exp_any(d);
-        ls[k] += e;
+        const T d = zf(j + k) - m, e = exp_any(d), at_max = d == T(0) ? T(1) : T(0);
+        ls[k] += e - at_max;
+        ln[k] += at_max;
         lw[k] += e * d;
       }
     for (int k = 0; k < kLanes; ++k) {
-      s += ls[k];
+      rest += ls[k];
+      maxima += ln[k];
       w += lw[k];
     }
   }
   for (; b < V; ++b) {
     const T d = zf(b) - m, e = exp_any(d);
-    s += e;
+    if (d == T(0)) maxima += 1.0; else rest += e;
     w += static_cast<double>(e) * d;
   }
-  return {s, w};
+  return row_sums(maxima, rest, w);
 }
 
 // z = cap * tanh(u), u = scale * x.
@@ -190,7 +207,7 @@ inline T softcap_of(T u, T cap) { return cap * tanh_from(u, exp_any(T(-2) * std:
 
 // Softcapped row held as u = scale * x: z_j = cap * tanh(u_j) on the fly.
 template <typename T>
-inline std::pair<double, double> softcap_sums_impl(const T* u, int64_t V, T m, T cap) {
+inline RowSums softcap_sums_impl(const T* u, int64_t V, T m, T cap) {
   return sums_impl<T>(V, m, [=](int64_t j) { return softcap_of(u[j], cap); });
 }
 
@@ -225,10 +242,10 @@ inline void transform_impl(T* z, int64_t V, T scale, T cap) {
 MIO_ISA_CLONES void row_transform_f32(float* z, int64_t V, float scale, float cap) {
   transform_impl<float>(z, V, scale, cap);
 }
-MIO_ISA_CLONES std::pair<double, double> row_sumexp_moment_f32(const float* z, int64_t V, float m) {
+MIO_ISA_CLONES RowSums row_sumexp_moment_f32(const float* z, int64_t V, float m) {
   return sums_impl<float>(V, m, [=](int64_t j) { return z[j]; });
 }
-MIO_ISA_CLONES std::pair<double, double> row_softcap_sums_f32(const float* u, int64_t V, float m, float cap) {
+MIO_ISA_CLONES RowSums row_softcap_sums_f32(const float* u, int64_t V, float m, float cap) {
   return softcap_sums_impl<float>(u, V, m, cap);
 }
 MIO_ISA_CLONES void row_grad_general_f32(float* u, int64_t V, float m, float inv_s, float g, float ge, float mu,
@@ -256,10 +273,10 @@ void row_scale(double* z, int64_t V, double c) {
   for (int64_t j = 0; j < V; ++j) z[j] *= c;
 }
 void row_transform(double* z, int64_t V, double scale, double cap) { transform_impl<double>(z, V, scale, cap); }
-std::pair<double, double> row_sumexp_moment(const double* z, int64_t V, double m) {
+RowSums row_sumexp_moment(const double* z, int64_t V, double m) {
   return sums_impl<double>(V, m, [=](int64_t j) { return z[j]; });
 }
-std::pair<double, double> row_softcap_sums(const double* u, int64_t V, double m, double cap) {
+RowSums row_softcap_sums(const double* u, int64_t V, double m, double cap) {
   return softcap_sums_impl<double>(u, V, m, cap);
 }
 void row_grad_general(double* u, int64_t V, double m, double inv_s, double g, double ge, double mu, double scale,
@@ -273,10 +290,10 @@ void row_scale(float* z, int64_t V, float c) { row_scale_f32(z, V, c); }
 void row_transform(float* z, int64_t V, double scale, double cap) {
   row_transform_f32(z, V, static_cast<float>(scale), static_cast<float>(cap));
 }
-std::pair<double, double> row_sumexp_moment(const float* z, int64_t V, float m) {
+RowSums row_sumexp_moment(const float* z, int64_t V, float m) {
   return row_sumexp_moment_f32(z, V, m);
 }
-std::pair<double, double> row_softcap_sums(const float* u, int64_t V, float m, double cap) {
+RowSums row_softcap_sums(const float* u, int64_t V, float m, double cap) {
   return row_softcap_sums_f32(u, V, m, static_cast<float>(cap));
 }
 void row_grad_general(float* u, int64_t V, float m, float inv_s, float g, float ge, float mu, double scale,
@@ -311,9 +328,9 @@ void forward_epilogue(acc_t* Z, int64_t n, int64_t V, const int64_t* rows, const
       // An all -inf row has no finite max; its lse is -inf like torch's.
       const bool empty = std::isinf(m) && m < 0;
       if (cols == 3) {
-        const std::pair<double, double> sw = empty ? std::make_pair(1.0, 0.0) : row_sumexp_moment(z, V, m);
-        stats[3 * r + 1] = static_cast<acc_t>(std::log(sw.first));
-        stats[3 * r + 2] = static_cast<acc_t>(std::log(sw.first) - sw.second / sw.first);  // lse - E_p[z]
+        const RowSums sw = empty ? RowSums{1.0, 0.0, 0.0} : row_sumexp_moment(z, V, m);
+        stats[3 * r + 1] = static_cast<acc_t>(sw.log_s);
+        stats[3 * r + 2] = static_cast<acc_t>(sw.log_s - sw.w / sw.s);  // lse - E_p[z]
       } else {
         stats[2 * r + 1] = empty ? acc_t(0) : static_cast<acc_t>(std::log(row_sumexp(z, V, m)));
       }
@@ -354,15 +371,21 @@ acc_t transformed_grad_row(acc_t* z, int64_t V, int64_t y, acc_t g, acc_t g_h, c
   if (tf.scale != 1.0) row_scale(z, V, static_cast<acc_t>(tf.scale));
   acc_t m = row_max(z, V);
   if (softcap) m = static_cast<acc_t>(tf.cap * std::tanh(static_cast<double>(m)));
-  const std::pair<double, double> sw = softcap ? row_softcap_sums(z, V, m, tf.cap)
-                                       : g_h != acc_t(0) ? row_sumexp_moment(z, V, m)
-                                                         : std::make_pair(row_sumexp(z, V, m), 0.0);
+  RowSums sw;
+  if (softcap) {
+    sw = row_softcap_sums(z, V, m, tf.cap);
+  } else if (g_h != acc_t(0)) {
+    sw = row_sumexp_moment(z, V, m);
+  } else {
+    const double s = row_sumexp(z, V, m);
+    sw = {s, std::log(s), 0.0};
+  }
   const acc_t u_label = z[y];
   const acc_t z_label = softcap ? softcap_of(u_label, static_cast<acc_t>(tf.cap)) : u_label;
-  row_grad_general(z, V, m, static_cast<acc_t>(1.0 / sw.first), g, g_h, static_cast<acc_t>(sw.second / sw.first),
+  row_grad_general(z, V, m, static_cast<acc_t>(1.0 / sw.s), g, g_h, static_cast<acc_t>(sw.w / sw.s),
                    tf.scale, tf.cap);
   z[y] += g * transform_slope(u_label, tf);
-  return (z_label - m) - static_cast<acc_t>(std::log(sw.first));  // as in forward_epilogue
+  return (z_label - m) - static_cast<acc_t>(sw.log_s);  // as in forward_epilogue
 }
 
 // backward_epilogue with a transform and/or an entropy gradient `ge` (nullptr: none):

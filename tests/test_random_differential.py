@@ -427,6 +427,18 @@ def _logits(h, w, b, c, alt_order=False, plain=False):
     return (cap * _softcap(s * x / cap, plain) if cap is not None else s * x) / t
 
 
+def _log_softmax(z):
+    """log softmax over the last dim with log-sum-exp = m + log(n) + log1p(rest / n) (n maxima, rest
+    the sum of the other exp(z - m)): torch's m + log(s) rounds a near-certain row's log s (1e-19
+    at m ~ 1e3) away, and with it the max's log-prob and a few % of the row's entropy (fp64 too)."""
+    m = z.max(-1, keepdim=True).values   # attached: the maxima's own gradient flows through m
+    d = z - m
+    at_max = (d == 0).to(z.dtype)
+    maxima = at_max.sum(-1, keepdim=True)
+    rest = (torch.exp(d) * (1 - at_max)).sum(-1, keepdim=True)
+    return d - (torch.log(maxima) + torch.log1p(rest / maxima))
+
+
 class _Entropy(torch.autograd.Function):
     """H = -sum p log p of softmax(z) with the closed-form gradient dH/dz = -p (log p + H). Autograd
     through log_softmax forms g - p sum(g), which for a near-certain row cancels to ~1e-16 of the
@@ -434,7 +446,7 @@ class _Entropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z):
-        logp = torch.log_softmax(z, dim=-1)
+        logp = _log_softmax(z)
         entropy = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(logp, entropy)
         return entropy
@@ -449,7 +461,7 @@ def _token_logps(h, w, b, labels, c, alt_order=False, plain=False):
     """flat [N, H] inputs -> (token log-probs [N], entropies [N]), 0 where ignored. plain: the
     entropy by autograd through log_softmax, as a user's fp32 code would (the computed bound)."""
     z = _logits(h, w, b, c, alt_order, plain)
-    logp = torch.log_softmax(z, dim=-1)
+    logp = torch.log_softmax(z, dim=-1) if plain else _log_softmax(z)
     scored = labels != c["ignore_index"]
     tok = logp.gather(1, torch.where(scored, labels, 0)[:, None])[:, 0]
     ent = -(logp.exp() * logp).sum(-1) if plain else _Entropy.apply(z)
