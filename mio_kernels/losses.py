@@ -154,10 +154,26 @@ def sppo_hard_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float
     return PairLoss(gw.square() + gl.square(), 2.0 * gw, 2.0 * gl)
 
 
+class _Sigmoid(torch.autograd.Function):
+    """sigmoid whose autograd derivative is sigmoid(z) * sigmoid(-z): the plain s * (1 - s) is 0 once s
+    rounds to 1 (|z| > 37 in fp64), where the true one is e^-|z| (the reference backend
+    differentiates the loss values)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, = ctx.saved_tensors
+        return grad * torch.sigmoid(z) * torch.sigmoid(-z)
+
+
 def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float) -> PairLoss:
     """(1 - sig(beta u_w)) + sig(beta u_l); 1 - sig(z) taken as sig(-z), exact where sig(z) -> 1."""
     zw, zl = beta * u_w, beta * u_l
-    sw, sl, not_w = torch.sigmoid(zw), torch.sigmoid(zl), torch.sigmoid(-zw)
+    sw, sl, not_w = _Sigmoid.apply(zw), _Sigmoid.apply(zl), _Sigmoid.apply(-zw)
     return PairLoss(not_w + sl, -beta * sw * not_w, beta * sl * torch.sigmoid(-zl))
 
 

@@ -392,7 +392,7 @@ def _pair_losses(loss_type, u_w, u_l, beta, eps):
     if loss_type == "sppo_hard":
         return (u_w - 0.5 / beta) ** 2 + (u_l + 0.5 / beta) ** 2
     if loss_type == "apo_zero":    # 1 - sigma(x) written sigma(-x): no cancellation where it saturates
-        return torch.sigmoid(-beta * u_w) + torch.sigmoid(beta * u_l)
+        return _sigmoid(-beta * u_w) + _sigmoid(beta * u_l)
     raise KeyError(loss_type)
 
 
@@ -425,6 +425,24 @@ def _logits(h, w, b, c, alt_order=False, plain=False):
         x = x + b
     cap, s, t = c["final_logit_softcapping"], c["logit_scale"], c["temperature"]
     return (cap * _softcap(s * x / cap, plain) if cap is not None else s * x) / t
+
+
+class _Sigmoid(torch.autograd.Function):
+    """sigmoid with the derivative sigmoid(z) * sigmoid(-z): autograd's s * (1 - s) is 0 once s rounds
+    to 1 (|z| > 37 in fp64), where the true derivative is e^-|z| (apo_zero at saturated rewards)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, = ctx.saved_tensors
+        return grad * torch.sigmoid(z) * torch.sigmoid(-z)
+
+
+_sigmoid = _Sigmoid.apply
 
 
 def _log_softmax(z):
