@@ -179,9 +179,6 @@ def apo_zero_pair(u_w: Tensor, u_l: Tensor, beta: float, label_smoothing: float)
 
 register_loss("mio", mio_loss, pairwise=False, coupling="separable")
 DEFAULT_LOSS = "mio"  # the JS bound of the MIO paper
-
-# TRL's (and Liger's) names of the same losses
-TRL_LOSS_ALIASES = {"sigmoid": "dpo", "nca_pair": "mio"}
 register_loss("dpo", dpo_loss, pairwise=False, coupling="difference")
 register_loss("ipo", _average_over_pairs(ipo_pair), pairwise=True, coupling="difference", length_normalized=True)
 register_loss("hinge", _average_over_pairs(hinge_pair), pairwise=True, coupling="difference")
@@ -190,6 +187,9 @@ register_loss("robust", _average_over_pairs(robust_pair), pairwise=True, couplin
 register_loss("bco_pair", _average_over_pairs(bco_pair), pairwise=True, coupling="separable")
 register_loss("sppo_hard", _average_over_pairs(sppo_hard_pair), pairwise=True, coupling="separable")
 register_loss("apo_zero", _average_over_pairs(apo_zero_pair), pairwise=True, coupling="separable")
+
+# TRL's (and Liger's) names of two of them
+TRL_LOSS_ALIASES = {"sigmoid": "dpo", "nca_pair": "mio"}
 
 LN4 = 2.0 * math.log(2.0)  # mio at zero rewards, K = 1
 
