@@ -135,6 +135,23 @@ def _num_sequences(c) -> int:
     return c["B"] if c["api"] in GRPO_APIS else c["P"] * (1 + c["K"])
 
 
+def _draw_head_and_grads(r, c) -> None:
+    """The options both APIs draw alike, in one order (a seed's case depends on it): logit
+    magnitude and transform, which inputs require grad, no_grad, check_values."""
+    c["logit_mag"] = _pick(r, {1.0: 0.75, round(r.uniform(5, 60), 3): 0.2, round(r.uniform(300, 3000), 1): 0.05})
+    if c["dtype"] == "fp16":
+        c["logit_mag"] = min(c["logit_mag"], 30.0)
+    c["temperature"] = 1.0 if r.random() < 0.6 else round(math.exp(r.uniform(math.log(0.3), math.log(3))), 4)
+    c["logit_scale"] = 1.0 if r.random() < 0.6 else round(r.choice([-1, 1, 1]) * math.exp(r.uniform(-1.2, 1.2)), 4)
+    c["final_logit_softcapping"] = None
+    if r.random() >= 0.6:
+        c["final_logit_softcapping"] = round(math.exp(r.uniform(math.log(0.5), math.log(30))), 3)
+    c["requires"] = _pick(r, {"all": 0.35, "frozen_weight": 0.12, "hidden_only": 0.18, "weight_only": 0.1,
+                              "params_only": 0.08, "bias_only": 0.05, "none": 0.05})
+    c["no_grad"] = r.random() < 0.07
+    c["check_values"] = r.random() < 0.8
+
+
 def draw_case(seed: int) -> dict:
     """All options of one case, from its seed alone (tensors are drawn from the same seed by make_data)."""
     if is_grpo_seed(seed):
@@ -158,18 +175,7 @@ def draw_case(seed: int) -> dict:
     c["sprinkle"] = _pick(r, {0.0: 0.6, 0.1: 0.3, 0.5: 0.1})          # ignored tokens inside responses
     c["poison_ignored"] = r.random() < 0.15    # ignored tokens' hidden states x200 (overflow if used)
     c["bias"] = r.random() < 0.6
-    c["logit_mag"] = _pick(r, {1.0: 0.75, round(r.uniform(5, 60), 3): 0.2, round(r.uniform(300, 3000), 1): 0.05})
-    if c["dtype"] == "fp16":
-        c["logit_mag"] = min(c["logit_mag"], 30.0)
-    c["temperature"] = 1.0 if r.random() < 0.6 else round(math.exp(r.uniform(math.log(0.3), math.log(3))), 4)
-    c["logit_scale"] = 1.0 if r.random() < 0.6 else round(r.choice([-1, 1, 1]) * math.exp(r.uniform(-1.2, 1.2)), 4)
-    c["final_logit_softcapping"] = None
-    if r.random() >= 0.6:
-        c["final_logit_softcapping"] = round(math.exp(r.uniform(math.log(0.5), math.log(30))), 3)
-    c["requires"] = _pick(r, {"all": 0.35, "frozen_weight": 0.12, "hidden_only": 0.18, "weight_only": 0.1,
-                              "params_only": 0.08, "bias_only": 0.05, "none": 0.05})
-    c["no_grad"] = r.random() < 0.07
-    c["check_values"] = r.random() < 0.8
+    _draw_head_and_grads(r, c)
     c["noncontig"] = sorted(n for n in ("hidden", "weight", "bias", "labels", "ref_logps", "ref_hidden",
                                         "ref_weight", "cu_seqlens", "upstream") if r.random() < 0.12)
     c["noncontig_how"] = r.choice(["transpose", "stride"])
@@ -668,19 +674,8 @@ def draw_grpo_case(seed: int) -> dict:
     elif c["num_items_in_batch"] is not None:
         c["num_items_in_batch"] = [round(r.uniform(0.5, 3 * c["num_tokens"]), 3), c["num_items_in_batch"]]
 
-    c["logit_mag"] = _pick(r, {1.0: 0.75, round(r.uniform(5, 60), 3): 0.2, round(r.uniform(300, 3000), 1): 0.05})
-    if c["dtype"] == "fp16":
-        c["logit_mag"] = min(c["logit_mag"], 30.0)
-    c["temperature"] = 1.0 if r.random() < 0.6 else round(math.exp(r.uniform(math.log(0.3), math.log(3))), 4)
-    c["logit_scale"] = 1.0 if r.random() < 0.6 else round(r.choice([-1, 1, 1]) * math.exp(r.uniform(-1.2, 1.2)), 4)
-    c["final_logit_softcapping"] = None
-    if r.random() >= 0.6:
-        c["final_logit_softcapping"] = round(math.exp(r.uniform(math.log(0.5), math.log(30))), 3)
 
-    c["requires"] = _pick(r, {"all": 0.35, "frozen_weight": 0.12, "hidden_only": 0.18, "weight_only": 0.1,
-                              "params_only": 0.08, "bias_only": 0.05, "none": 0.05})
-    c["no_grad"] = r.random() < 0.07
-    c["check_values"] = r.random() < 0.8
+    _draw_head_and_grads(r, c)
     c["noncontig"] = sorted(n for n in ("hidden", "weight", "bias", "labels", "advantages", "old_logps", "ref_logps",
                                         "importance_weights", "cu_seqlens", "upstream") if r.random() < 0.12)
     c["noncontig_how"] = r.choice(["transpose", "stride"])
