@@ -307,4 +307,8 @@ def test_ref_logps_are_sums_for_every_loss(backend, options):
     via_states = fused_mio_loss(**inputs, backend=backend, **options)
     assert via_states.ref_logps.double() == pytest.approx(ref_sums, rel=1e-5, abs=1e-4)
     assert ours.policy_sums.double() == pytest.approx(oracle.policy_sums, rel=1e-5, abs=1e-4)
-    assert abs(via_states.loss.item() - ours.loss.item()) <= 1e-5 * floor
+    # The sums the op computed from the states, passed back as ref_logps, give the same loss. (Not
+    # compared with `ours`: the two fp32 evaluations of ref differ by ~1e-5, and the robust loss keeps
+    # a slope of eps / (1 - 2 eps) where it is near 0, so 1e-5 of the loss is not a fair bound there.)
+    via_sums = fused_mio_loss(**policy, ref_logps=via_states.ref_logps, backend=backend, **options)
+    assert abs(via_states.loss.item() - via_sums.loss.item()) <= 1e-6 * floor
