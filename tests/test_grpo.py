@@ -24,6 +24,7 @@ from mio_kernels import FusedGRPOLoss, fused_grpo_loss
 from mio_kernels.backends import available_kernel_backends
 from mio_kernels.backends.native_backend import set_chunk_budget_bytes
 
+import grpo_oracle
 from conftest import WORST_ERRORS
 
 IGNORE = -100
@@ -73,81 +74,23 @@ def oracle_token_logps(hidden, weight, bias, labels, transform):
 def oracle_trl_loss(lp, ent, mask, adv, old, ref, iw, loss_type="dapo", epsilon_low=0.2, epsilon_high=None,
                     delta=None, beta=0.0, importance_sampling_level="token", entropy_coef=0.0,
                     use_bias_correction_kl=True, max_completion_length=None, num_items_in_batch=None):
-    """TRL 1.16 GRPOTrainer._compute_loss, rewritten plainly: padded [B, T] float64 tensors."""
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    mask = mask.double()
+    """TRL's loss (grpo_oracle) with TRL's default SAPO temperatures and shape-based per-completion
+    metrics; -> (loss, detached metrics, the scale rounding errors are relative to: the terms'
+    magnitudes before they cancel)."""
     adv = adv[:, None] if adv.dim() == 1 else adv
-    old = lp.detach() if old is None else old
-    log_ratio = lp - old
-    if importance_sampling_level == "token":
-        log_w = log_ratio
-    else:
-        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
-    coef_1 = torch.exp(log_w)
-    if beta != 0.0:
-        kl = torch.exp(ref - lp) - (ref - lp) - 1
-        if use_bias_correction_kl:
-            kl = kl * coef_1
-    if loss_type == "cispo":
-        loss_t = -torch.clamp(coef_1, max=eps_high).detach() * adv * lp
-    elif loss_type == "sapo":
-        tau = torch.where(adv > 0, 1.0, 1.05)
-        loss_t = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
-    else:
-        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
-        loss_t = -torch.min(coef_1 * adv, coef_2 * adv)
-    if iw is not None:
-        loss_t = loss_t * (iw[:, None] if iw.dim() == 1 else iw)
-    if beta != 0.0:
-        loss_t = loss_t + beta * kl
-    B = lp.shape[0]
-
-    def reduce(loss_t):
-        if loss_type in ("grpo", "sapo"):
-            return ((loss_t * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-        if loss_type == "bnpo":
-            return (loss_t * mask).sum() / mask.sum().clamp(min=1.0)
-        if loss_type == "dr_grpo":
-            return (loss_t * mask).sum() / (B * max_completion_length)
-        if loss_type in ("dapo", "cispo"):
-            n_items = mask.sum() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch))
-            return (loss_t * mask).sum() / n_items.clamp(min=1.0)
-        return (loss_t * mask).sum(-1).mean()  # luspo
-
-    loss = reduce(loss_t)
-    # the scale rounding errors are relative to: the terms' magnitudes before they cancel
-    scale = float(reduce(loss_t.detach().abs())) + abs(entropy_coef) * float((ent.detach() * mask).sum() / mask.sum())
-    metrics = {}
-    if entropy_coef != 0.0:
-        metrics["policy_loss"] = loss.detach()
-        loss = loss - entropy_coef * (ent * mask).sum() / mask.sum().clamp(min=1.0)
-
-    def gmean(x):
-        if x.shape[1] == 1:
-            return x.sum() / x.shape[0]
-        return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-    def seq_mean(x):
-        return x[:, 0] if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
-
-    if beta != 0.0:
-        metrics["kl"] = gmean(kl.detach())
-    metrics["entropy"] = gmean(ent.detach())
-    c1 = coef_1.detach()
-    if loss_type == "cispo":
-        metrics["cispo_clip_ratio"] = gmean(((c1 > eps_high) & (adv > 0)).double())
-    elif loss_type != "sapo":
-        low = ((c1 < 1 - epsilon_low) & (adv < 0)).double()
-        high = ((c1 > 1 + eps_high) & (adv > 0)).double()
-        metrics["clip_ratio/low_mean"] = gmean(low)
-        metrics["clip_ratio/high_mean"] = gmean(high)
-        metrics["clip_ratio/region_mean"] = gmean(torch.maximum(low, high))
-        s_low, s_high = seq_mean(low), seq_mean(high)
-        metrics["clip_ratio/low_min"] = s_low[~s_low.isnan()].min()
-        metrics["clip_ratio/high_max"] = s_high[~s_high.isnan()].max()
-    return loss, metrics, scale
+    iw = iw[:, None] if iw is not None and iw.dim() == 1 else iw
+    per_completion = (importance_sampling_level == "sequence" or lp.shape[1] == 1) and adv.shape[1] == 1
+    options = dict(loss_type=loss_type, max_completion_length=max_completion_length,
+                   num_items_in_batch=num_items_in_batch)
+    loss, metrics, per_token = grpo_oracle.trl_grpo_loss(
+        lp, ent, mask, adv, old, ref, iw, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+        beta=beta, importance_sampling_level=importance_sampling_level, entropy_coef=entropy_coef,
+        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+        per_completion=per_completion, **options)
+    mask = mask.to(lp.dtype)
+    scale = (float(grpo_oracle.reduce_per_token(x=per_token.detach().abs(), mask=mask, **options))
+             + abs(entropy_coef) * float((ent.detach() * mask).sum() / mask.sum()))
+    return loss, {k: v.detach() for k, v in metrics.items()}, scale
 
 
 # ----------------------------------------------------------------------------------- the cases
