@@ -22,6 +22,7 @@ ours: grpo_impls.py.
     python benchmarks/bench_grpo.py                       # 2 x 8192 tokens, H 256, V 32000, dapo + KL, fp32
     python benchmarks/bench_grpo.py --quick               # tiny shape, 1 round (a smoke run)
     python benchmarks/bench_grpo.py --shape 2x4096x256x32000 --loss-type grpo --impls ours_recompute,liger
+    python benchmarks/bench_grpo.py --importance-sampling-level sequence --beta 0 --loss-type grpo   # GSPO
 
 Writes --out (JSON) and the markdown table beside it (.md), and prints the table.
 """
@@ -236,6 +237,11 @@ def _check(check: Optional[dict]) -> str:
     return f"{check['status']} ({' / '.join(errs)})"
 
 
+def _is_level(opts: dict) -> str:
+    level = opts.get("importance_sampling_level", "token")
+    return f"{level}-level IS" + (" (GSPO)" if level == "sequence" else "")
+
+
 def markdown(result: dict) -> str:
     env, shape, opts = result["environment"], result["shape"], result["options"]
     eps = f"eps {opts['epsilon_low']:g}/{opts['epsilon_high']:g}"
@@ -243,9 +249,11 @@ def markdown(result: dict) -> str:
         f"### GRPO loss, forward+backward: B={shape['B']} T={shape['T']} H={shape['H']} V={shape['V']} "
         f"({shape['scored_tokens']} scored tokens), {result['dtype']}",
         "",
-        f"{opts['loss_type']}, beta {opts['beta']:g}, {eps}, token-level IS, bias-corrected KL"
+        f"{opts['loss_type']}, beta {opts['beta']:g}, {eps}, {_is_level(opts)}, "
+        f"{'bias-corrected KL' if opts['beta'] else 'no KL term'}"
         f"{', ours logs entropy' if opts.get('log_entropy') else ''}; advantages per completion, old log-probs "
-        f"off-policy (N(0, {result['inputs']['off_policy_std']:g}) log-ratios), reference log-probs given. "
+        f"off-policy (N(0, {result['inputs']['off_policy_std']:g}) log-ratios)"
+        f"{', reference log-probs given' if opts['beta'] else ''}. "
         f"{result['rounds']} interleaved round(s); {env['device']}; torch {env['torch']}, liger-kernel "
         f"{env.get('liger_kernel')}, trl {env.get('trl')}; mio-kernels {env.get('mio_kernels_commit')}; "
         f"{env['date_utc']}; load average {env.get('load_avg_1m_at_start')} → {env.get('load_avg_1m_at_end')}.",
@@ -293,6 +301,9 @@ def parse_args(argv=None):
                    help="default: epsilon-low (TRL's default), 5 for cispo (TRL's recommendation)")
     p.add_argument("--entropy", action="store_true",
                    help="ours also computes the per-token entropies (log_entropy=True), as TRL's trainer always does")
+    p.add_argument("--importance-sampling-level", default="token", choices=impls_mod.IMPORTANCE_SAMPLING_LEVELS,
+                   help="token (default) or sequence: GSPO, one importance ratio per completion (the exp of its "
+                        "mean log-ratio); needs --beta 0, no --entropy and a --loss-type other than cispo")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 1)")
     p.add_argument("--impls", default=",".join(IMPL_NAMES),
                    help=f"comma-separated, from {', '.join(IMPL_NAMES)}; {OURS.name} (the check target) always runs "
@@ -304,14 +315,35 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="result JSON (a .md table is written beside it; default "
                    "benchmarks/results/cpu-grpo-interleaved.json, cpu-grpo-quick.json with --quick)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    refused = _single_pass_refusal(args)
+    if refused:
+        p.error(refused)
+    return args
+
+
+def _single_pass_refusal(args) -> Optional[str]:
+    """Why ours in single pass (the check target, backward_mode='single_pass') cannot run these
+    options, else None: at sequence level its gradient is one coefficient per completion, which a
+    KL term, the entropy and cispo (a coefficient per token) do not allow."""
+    if args.importance_sampling_level != "sequence":
+        return None
+    blockers = ([f"--beta {args.beta:g} (use --beta 0)"] if args.beta != 0.0 else []) + \
+               (["--entropy"] if args.entropy else []) + \
+               (["--loss-type cispo"] if args.loss_type == "cispo" else [])
+    if not blockers:
+        return None
+    return (f"--importance-sampling-level sequence cannot be run with {', '.join(blockers)}: {OURS.name} (the "
+            "check target, backward_mode='single_pass') has a per-sequence single pass only without a KL term, "
+            "entropy or cispo")
 
 
 def _options(args) -> GRPOOptions:
     eps_high = args.epsilon_high if args.epsilon_high is not None else (5.0 if args.loss_type == "cispo"
                                                                           else args.epsilon_low)
     return GRPOOptions(loss_type=args.loss_type, beta=args.beta, epsilon_low=args.epsilon_low,
-                       epsilon_high=eps_high, log_entropy=args.entropy)
+                       epsilon_high=eps_high, log_entropy=args.entropy,
+                       importance_sampling_level=args.importance_sampling_level)
 
 
 def _impls(text: str) -> list:
@@ -386,7 +418,8 @@ def main(argv=None) -> dict:
     env = measure.environment(device, REPO)
     env.update(trl=impls_mod.peer_version("trl"), transformers=measure._version("transformers"))
     started, rounds = time.monotonic(), args.rounds or (1 if args.quick else 5)
-    print(f"[grpo] B={B} T={T} H={H} V={V} {options.loss_type} beta={options.beta:g}, {args.threads} threads, "
+    print(f"[grpo] B={B} T={T} H={H} V={V} {options.loss_type} beta={options.beta:g}, "
+          f"{options.importance_sampling_level}-level IS, {args.threads} threads, "
           f"{rounds} round(s); load average {env['load_avg_1m_at_start']}", file=sys.stderr, flush=True)
     floors = bench.measure_floors(bench.Shape(B, T, H, V, K=0), device, dtype)
     off_policy_std = 0.1

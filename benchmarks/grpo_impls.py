@@ -4,15 +4,18 @@ Each implementation turns the benchmark inputs (`GRPOInputs`) into a `step` call
 forward of the GRPO-family loss from LM-head inputs and returns (loss scalar, per-token log-probs
 [B, T] or None); the harness calls `loss.backward()` itself and reads hidden.grad / weight.grad
 (bench_loss.fwd_bwd). Every row gets the same tensors and the same loss options (`GRPOOptions`,
-TRL 1.16 GRPOConfig names and defaults: token-level importance sampling, use_bias_correction_kl).
+TRL 1.16 GRPOConfig names and defaults: use_bias_correction_kl; importance_sampling_level "token",
+or "sequence" for GSPO: each completion's importance ratio is exp of its masked mean log-ratio).
 
   ours_single_pass  fused_grpo_loss(backend="native", backward_mode="single_pass"): the gradient is
-                    formed in the forward, chunk by chunk, from per-token coefficients.
+                    formed in the forward, chunk by chunk, from per-token coefficients (sequence
+                    level: one coefficient per completion; only without KL, entropy or cispo).
   ours_recompute    the same with backward_mode="recompute": the backward recomputes the logits.
   liger             Liger-Kernel LigerFusedLinearGRPOLoss (0.8.5): ref_per_token_logps and
                     old_per_token_logps given, attention_mask = the scored tokens, advantages [B],
                     use_bias_correction_kl=True (TRL 1.16's default; Liger's is False),
-                    max_completion_length = T, chunk_size = 1 completion, compiled=True (its loss math).
+                    max_completion_length = T, chunk_size = 1 completion, compiled=True (its loss math);
+                    it refuses cispo and sapo at sequence level (`LIGER_NO_SEQUENCE_LEVEL`): skipped.
   trl               TRL 1.16's own path, called without a trainer: the fused LM head TRL patches into
                     the model (trl.trainer.utils.add_fused_lm_head with outputs ("log_probs",
                     "entropy"), as GRPOTrainer does; on CPU it scores every position), run through
@@ -54,7 +57,10 @@ from loss_impls import _import_error
 Step = Callable[[], Tuple[Tensor, Optional[Tensor]]]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 PEER_PACKAGES = {"liger": "liger-kernel", "trl": "trl"}
+# Liger 0.8.5's ppo_loss_fn raises ValueError for these loss types at sequence level.
+LIGER_NO_SEQUENCE_LEVEL = ("cispo", "sapo")
 
 # LM-head GEMM FLOPs per N H V of one forward+backward (module docstring; evidence in each builder).
 GEMM_FACTOR = {"ours_single_pass": 6, "ours_recompute": 8, "liger": 8, "trl": 8, "naive": 6, "compiled": 6}
@@ -73,6 +79,7 @@ class GRPOOptions:
     sapo_temperature_neg: float = 1.05
     use_bias_correction_kl: bool = True
     log_entropy: bool = False          # ours also computes per-token entropies (TRL's trainer always does)
+    importance_sampling_level: str = "token"   # "sequence": GSPO
 
 
 @dataclass
@@ -164,8 +171,19 @@ def make_grpo_inputs(B: int, T: int, H: int, V: int, options: GRPOOptions, seed:
 
 
 # --------------------------------------------------------------------------------------------------
-# The loss as TRL 1.16's GRPOTrainer._compute_loss writes it (token-level importance sampling, one
-# process, no gradient accumulation): used by the naive and compiled rows.
+# The loss as TRL 1.16's GRPOTrainer._compute_loss writes it (one process, no gradient accumulation):
+# used by the naive and compiled rows.
+
+
+def log_importance_weights(per_token_logps: Tensor, old: Tensor, mask: Tensor, level: str) -> Tensor:
+    """TRL's log importance weights: token level, the per-token log-ratio [B, T]; sequence level
+    (GSPO), each completion's masked mean log-ratio [B, 1], broadcast over its tokens by the loss."""
+    log_ratio = per_token_logps - old
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    raise ValueError(f"unknown importance sampling level {level!r}")
 
 
 def trl_formula_loss(per_token_logps: Tensor, mask: Tensor, advantages: Tensor, old_per_token_logps: Optional[Tensor],
@@ -173,7 +191,7 @@ def trl_formula_loss(per_token_logps: Tensor, mask: Tensor, advantages: Tensor, 
     mask = mask.to(per_token_logps.dtype)
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-    coef_1 = torch.exp(per_token_logps - old)
+    coef_1 = torch.exp(log_importance_weights(per_token_logps, old, mask, options.importance_sampling_level))
     if options.beta != 0.0:
         d = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(d) - d - 1
@@ -232,6 +250,7 @@ def _build_ours(backward_mode: str):
                                   use_bias_correction_kl=o.use_bias_correction_kl,
                                   sapo_temperature_pos=o.sapo_temperature_pos,
                                   sapo_temperature_neg=o.sapo_temperature_neg, log_entropy=o.log_entropy,
+                                  importance_sampling_level=o.importance_sampling_level,
                                   ignore_index=inputs.ignore_index, backend="native", backward_mode=backward_mode)
             return out.loss, out.token_logps
         return step
@@ -264,7 +283,8 @@ def _build_liger(inputs: GRPOInputs) -> Step:
     o = inputs.options
     module = LigerFusedLinearGRPOLoss(beta=o.beta, compiled=True, use_ref_model=o.beta != 0.0, chunk_size=1,
                                       epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, loss_type=o.loss_type,
-                                      max_completion_length=inputs.labels.shape[1], importance_sampling_level="token",
+                                      max_completion_length=inputs.labels.shape[1],
+                                      importance_sampling_level=o.importance_sampling_level,
                                       sapo_temperature_pos=o.sapo_temperature_pos,
                                       sapo_temperature_neg=o.sapo_temperature_neg, temperature=1.0, delta=o.delta,
                                       use_bias_correction_kl=o.use_bias_correction_kl)
@@ -346,7 +366,8 @@ def _trl_trainer_stand_in(options: GRPOOptions, model: _StubCausalLM, max_comple
                                  sapo_temperature_neg=options.sapo_temperature_neg, steps_per_generation=1)
     trainer = types.SimpleNamespace(
         args=args, model=model, accelerator=_StubAccelerator(), loss_type=options.loss_type, beta=options.beta,
-        epsilon_low=options.epsilon_low, epsilon_high=options.epsilon_high, importance_sampling_level="token",
+        epsilon_low=options.epsilon_low, epsilon_high=options.epsilon_high,
+        importance_sampling_level=options.importance_sampling_level,
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
         vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
         use_adaptive_entropy=False, entropy_coef=0.0, current_gradient_accumulation_steps=1,
@@ -419,6 +440,9 @@ def _ours_unavailable(inputs: GRPOInputs) -> Optional[str]:
 def _liger_unavailable(inputs: GRPOInputs) -> Optional[str]:
     if peer_version("liger") is None:
         return "liger-kernel not installed (pip install .[bench])"
+    o = inputs.options
+    if o.importance_sampling_level == "sequence" and o.loss_type in LIGER_NO_SEQUENCE_LEVEL:
+        return f"Liger refuses loss_type={o.loss_type!r} at importance_sampling_level='sequence'"
     return _import_error("liger_kernel.chunked_loss")
 
 

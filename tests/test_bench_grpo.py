@@ -1,6 +1,6 @@
-"""Smoke test of the GRPO benchmark (benchmarks/bench_grpo.py): --quick with every available row,
-each checked against ours and agreeing; the per-row memory process; a disagreeing row is FAILED
-and not timed. No wall-time assertions."""
+"""Smoke test of the GRPO benchmark (benchmarks/bench_grpo.py): --quick with every available row, at
+token- and sequence-level importance sampling, each checked against ours and agreeing; the per-row
+memory process; a disagreeing row is FAILED and not timed. No wall-time assertions."""
 import json
 import math
 import os
@@ -53,6 +53,43 @@ def test_quick_every_row_checked_and_agrees(tmp_path):
     assert json.loads(out.read_text())["rows"].keys() == rows.keys()
     md = out.with_suffix(".md").read_text()
     assert "| row | GEMM FLOPs |" in md and md.count("| ok (") == len(ran) - 1
+
+
+def test_quick_sequence_level_every_row_agrees(tmp_path):
+    """GSPO (importance_sampling_level="sequence") in every row: each one that runs passes the check."""
+    out = tmp_path / "gspo.json"
+    result = bench_grpo.main(["--quick", "--no-memory", "--importance-sampling-level", "sequence", "--beta", "0",
+                              "--loss-type", "grpo", "--out", str(out)])
+    assert result["options"]["importance_sampling_level"] == "sequence"
+    assert json.loads(out.read_text())["options"]["importance_sampling_level"] == "sequence"
+    ran = []
+    for name, row in result["rows"].items():
+        if row["status"] == "skipped":
+            assert name not in OURS_ROWS and row["reason"], row
+            continue
+        assert row["status"] == "ok", (name, row)
+        assert row["check"]["status"] == ("target" if name == "ours_single_pass" else "ok"), (name, row["check"])
+        ran.append(name)
+    assert set(OURS_ROWS) <= set(ran) and {"naive", "compiled"} <= set(ran)
+    assert "sequence-level IS (GSPO)" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("extra, named", [(["--beta", "0.04"], "--beta 0.04"),
+                                          (["--beta", "0", "--entropy"], "--entropy"),
+                                          (["--beta", "0", "--loss-type", "cispo"], "--loss-type cispo")])
+def test_sequence_level_refuses_what_the_single_pass_cannot_run(extra, named, capsys):
+    with pytest.raises(SystemExit):
+        bench_grpo.parse_args(["--importance-sampling-level", "sequence"] + extra)
+    assert named in capsys.readouterr().err
+
+
+def test_sequence_level_formula_is_trl_masked_mean_log_ratio():
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    old = torch.tensor([[-1.5, -1.5, 0.0], [-0.2, -0.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    got = grpo_impls.log_importance_weights(logps, old, mask, "sequence")
+    assert torch.allclose(got, torch.tensor([[0.0], [-0.1]]))
+    assert torch.equal(grpo_impls.log_importance_weights(logps, old, mask, "token"), logps - old)
 
 
 def test_memory_in_a_fresh_process_per_row(tmp_path):
