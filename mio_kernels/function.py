@@ -248,9 +248,9 @@ def fused_mio_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
         ref_logps = _kernel_reference_sums(backend, ref_hidden, ref_weight, labels, ref_bias, cu_seqlens, cfg,
                                            check_values).to(result_dtype(hidden))
     ref_logps = None if ref_logps is None else ref_logps.detach()
-    if backward_mode == "single_pass":  # its epilogue takes the bias contiguous
+    if backward_mode == "single_pass":
         loss, policy_logps, metrics, policy_sums = SinglePassPreferenceLossFunction.apply(
-            hidden, weight, labels, _contiguous(bias), cu_seqlens, ref_logps, cfg, check_values)
+            hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, check_values)
     else:
         loss, policy_logps, metrics, policy_sums = FusedPreferenceLossFunction.apply(
             hidden, weight, labels, bias, cu_seqlens, ref_logps, cfg, backend, check_values)

@@ -7,15 +7,20 @@ backward_mode:
 "recompute"   `GRPOLossFunction`: the backend's forward keeps O(N) softmax statistics; the losses
               give dL/dlogp_t and dL/dentropy_t per token; the backend's backward recomputes the
               logits chunks: 8 N H V FLOPs. Every kernel backend (native, triton).
-"single_pass" `GRPOTokenPassFunction` (native backend): with token-level importance sampling
-              dL/dlogp_t depends only on token t's own log-prob and inputs known before the
-              forward, so the gradient is formed in the token's own chunk
-              (mio_kernels/backends/token_pass.py): 6 N H V FLOPs, no [V, H] accumulator, memory
-              one logits chunk at any V and H. Sequence-level importance sampling (GSPO; luspo's
-              recommended setting) makes the coefficient depend on the whole completion: it takes
-              the recompute path ("auto"), and an explicit "single_pass" raises ValueError.
-"auto"        single_pass when a gradient is needed, the backend is native, the importance
-              sampling is token level and the call is not traced by torch.compile; else recompute.
+"single_pass" `GRPOSinglePassFunction` (native backend), 6 N H V FLOPs:
+              token-level importance sampling: dL/dlogp_t depends only on token t's own log-prob
+              and inputs known before the forward, so the gradient is formed in the token's own
+              chunk (mio_kernels/backends/token_pass.py): no [V, H] accumulator, memory one logits
+              chunk at any V and H.
+              sequence level (GSPO; luspo's setting): without a KL term, entropy bonus or cispo,
+              dL/dlogp_t is one number c_s per completion, known once the completion is scored:
+              the per-sequence single pass of fused_mio_loss (mio_kernels/backends/single_pass.py,
+              each completion its own group) with one [V, H] accumulator slot for the completion
+              left open across chunks (none when the weight is frozen). Otherwise an explicit
+              "single_pass" raises ValueError saying why, and "auto" recomputes.
+"auto"        single_pass when a gradient is needed, the backend is native, the options allow it
+              (above), the accumulator fits (mio_kernels/single_pass.py: on CUDA, free memory) and
+              the call is not traced by torch.compile; else recompute.
 Forward-only calls (no input requires grad, or under torch.no_grad) do no gradient work.
 backend="reference" is plain autograd over the full logits (the test oracle).
 
@@ -35,10 +40,11 @@ from torch import Tensor, nn
 from mio_kernels.backends import resolve_backend
 from mio_kernels.function import _kernel_backward, _kernel_token_logprobs, _op_entry, _outside_autocast
 from mio_kernels.grpo_losses import (GRPOConfig, TokenBatch, aggregation_weights, check_grpo_config, grpo_loss,
-                                     grpo_metrics, grpo_objective, token_coefficients)
+                                     grpo_metrics, grpo_objective, sequence_coefficients, sequence_pass_blocker,
+                                     token_coefficients)
 from mio_kernels.reference import reference_token_logprobs
 from mio_kernels.sequence import result_dtype
-from mio_kernels.single_pass import SINGLE_PASS_BACKENDS, _budget_bytes, check_backward_mode, single_pass_candidate
+from mio_kernels.single_pass import _budget_bytes, accumulator_blocker, check_backward_mode, single_pass_candidate
 from mio_kernels.transform import LogitTransform
 from mio_kernels.validation import (check_finite_result, check_first_order_only, check_linear_inputs, check_packing,
                                     check_transform)
@@ -157,15 +163,21 @@ def token_batch(cfg: GRPOConfig, labels: Tensor, cu_seqlens: Optional[Tensor], n
 
 
 def resolve_grpo_backward_mode(backward_mode: str, backend: str, cfg: GRPOConfig, hidden: Tensor, weight: Tensor,
-                               bias: Optional[Tensor]) -> str:
-    """-> "single_pass" or "recompute" for this call (module docstring)."""
-    if backward_mode == "single_pass" and backend in SINGLE_PASS_BACKENDS and not cfg.token_level:
-        raise ValueError("backward_mode='single_pass' cannot run with importance_sampling_level='sequence': a "
-                         "token's coefficient depends on its whole completion's log-ratio; use "
-                         "backward_mode='auto' or 'recompute'")
-    if not single_pass_candidate(backward_mode, backend, hidden, weight, bias) or not cfg.token_level:
+                               labels: Tensor, bias: Optional[Tensor]) -> str:
+    """-> "single_pass" or "recompute" for this call (module docstring); an explicit "single_pass"
+    that cannot run raises ValueError saying why."""
+    if not single_pass_candidate(backward_mode, backend, hidden, weight, bias):
         return "recompute"
-    return "single_pass"
+    if cfg.token_level:
+        return "single_pass"
+    reason = sequence_pass_blocker(cfg) or accumulator_blocker(
+        1, hidden, weight, labels, bias, backward_mode == "single_pass", "one completion open across chunks")
+    if reason is None:
+        return "single_pass"
+    if backward_mode == "single_pass":
+        raise ValueError(f"backward_mode='single_pass' cannot run with importance_sampling_level='sequence': "
+                         f"{reason}; use backward_mode='auto' or 'recompute'")
+    return "recompute"
 
 
 # -------------------------------------------------------------------------------- autograd glue
@@ -209,29 +221,38 @@ class GRPOLossFunction(torch.autograd.Function):
         return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None
 
 
-class GRPOTokenPassFunction(torch.autograd.Function):
-    """Single pass (native, token-level importance sampling): the gradient is formed in the forward,
-    backward scales it by the incoming scalar gradient."""
+class GRPOSinglePassFunction(torch.autograd.Function):
+    """Single pass (native): the gradient is formed in the forward, by the token-level pass or, at
+    sequence-level importance sampling, the per-sequence one; backward scales it by the incoming
+    scalar gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, batch: TokenBatch, cfg: GRPOConfig, transform: LogitTransform,
-                ignore_index: int, with_entropy: bool, check_values: bool):
+                ignore_index: int, cu_seqlens: Optional[Tensor], with_entropy: bool, check_values: bool):
+        from mio_kernels.backends.single_pass import single_pass
         from mio_kernels.backends.token_pass import token_pass
 
-        def coefficients(rows: Tensor, logps: Tensor) -> Tensor:
-            return token_coefficients(cfg, logps, rows, batch)
+        needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        budget = _budget_bytes(hidden.device)
+        if cfg.token_level:
+            def coefficients(rows: Tensor, logps: Tensor) -> Tensor:
+                return token_coefficients(cfg, logps, rows, batch)
 
-        entropy_grad = -cfg.entropy_coef * batch.entropy_weight if cfg.entropy_coef != 0.0 else None
-        h = hidden.reshape(-1, hidden.shape[-1])
-        result = token_pass(h, weight, labels.reshape(-1), bias, ignore_index, coefficients, entropy_grad,
-                            with_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3],
-                            _budget_bytes(hidden.device), transform)
+            entropy_grad = -cfg.entropy_coef * batch.entropy_weight if cfg.entropy_coef != 0.0 else None
+            result = token_pass(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), bias, ignore_index,
+                                coefficients, entropy_grad, with_entropy, *needs, budget, transform)
+        else:   # each completion its own coefficient group, one accumulator slot
+            members = torch.arange(batch.num_sequences)[:, None]
+            result = single_pass(hidden, weight, labels, bias, cu_seqlens, ignore_index, members, None, 1,
+                                 lambda logps: sequence_coefficients(cfg, logps, batch), *needs, budget, transform,
+                                 with_entropy)
+        entropy = result.entropy
         if check_values:
             check_finite_result(result.token_logps, hidden=hidden, weight=weight, bias=bias)
-        objective = grpo_objective(cfg, result.token_logps, result.entropy, batch, needs_grad=False)
+        objective = grpo_objective(cfg, result.token_logps, entropy, batch, needs_grad=False)
         d_hidden = None if result.d_hidden is None else result.d_hidden.view(hidden.shape)
         ctx.save_for_backward(d_hidden, result.d_weight, result.d_bias)
-        loss, token_logps, entropy = _outputs(objective.loss, result.token_logps, result.entropy, labels, hidden)
+        loss, token_logps, entropy = _outputs(objective.loss, result.token_logps, entropy, labels, hidden)
         ctx.mark_non_differentiable(*(t for t in (token_logps, entropy) if t is not None))
         return loss, token_logps, entropy, objective.metrics
 
@@ -243,7 +264,7 @@ class GRPOTokenPassFunction(torch.autograd.Function):
             return None if grad is None else grad * grad_loss.to(grad.dtype)
 
         d_hidden, d_weight, d_bias = ctx.saved_tensors
-        return scaled(d_hidden), scaled(d_weight), None, scaled(d_bias), None, None, None, None, None, None
+        return scaled(d_hidden), scaled(d_weight), None, scaled(d_bias), None, None, None, None, None, None, None
 
 
 def _reference(hidden, weight, labels, bias, batch: TokenBatch, cfg: GRPOConfig, transform: LogitTransform,
@@ -314,13 +335,13 @@ def fused_grpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantage
                         max_completion_length, num_items_in_batch, ignore_index)
     with_entropy = cfg.entropy_coef != 0.0 or bool(log_entropy)
     args = (hidden, weight, labels, bias, batch, cfg, transform, ignore_index)
-    mode = resolve_grpo_backward_mode(backward_mode, backend, cfg, hidden, weight, bias)  # refuses single_pass
+    mode = resolve_grpo_backward_mode(backward_mode, backend, cfg, hidden, weight, labels, bias)
     if backend == "reference":
         loss, token_logps, entropy, metrics = _reference(*args, with_entropy)
         if check_values:
             check_finite_result(token_logps, hidden=hidden, weight=weight, bias=bias)
     elif mode == "single_pass":
-        loss, token_logps, entropy, metrics = GRPOTokenPassFunction.apply(*args, with_entropy, check_values)
+        loss, token_logps, entropy, metrics = GRPOSinglePassFunction.apply(*args, cu_seqlens, with_entropy, check_values)
     else:
         loss, token_logps, entropy, metrics = GRPOLossFunction.apply(*args, backend, with_entropy, check_values)
     out_dtype = result_dtype(hidden)

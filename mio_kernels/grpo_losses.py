@@ -231,6 +231,33 @@ def token_coefficients(cfg: GRPOConfig, logps: Tensor, rows: Tensor, batch: Toke
     return torch.zeros_like(lp) if grad is None else grad
 
 
+def sequence_pass_blocker(cfg: GRPOConfig) -> Optional[str]:
+    """None when, at sequence-level importance sampling, dL/dl_t is one number per completion: the
+    policy term reaches l_t only through the completion's mean log-ratio (every clipped type, sapo),
+    so the per-sequence single pass applies. Else why not."""
+    if cfg.beta != 0.0:
+        return f"the KL term (beta={cfg.beta}) gives each token a coefficient of its own"
+    if cfg.loss_type == "cispo":
+        return "cispo's term is linear in each token's log-prob (a coefficient per token)"
+    if cfg.entropy_coef != 0.0:
+        return f"the entropy bonus (entropy_coef={cfg.entropy_coef}) gives each token a gradient of its own"
+    return None
+
+
+def sequence_coefficients(cfg: GRPOConfig, logps: Tensor, batch: TokenBatch) -> Tensor:
+    """c_s = dL/dl_t, one number per completion s (`sequence_pass_blocker` None), from the token
+    log-probs [N]; exact for every completion whose tokens are all scored already (the per-sequence
+    single pass asks chunk by chunk and ignores the others)."""
+    with torch.enable_grad():
+        lp = logps.detach().to(torch.float64).requires_grad_(True)
+        (grad,) = torch.autograd.grad(grpo_loss(cfg, lp, None, batch)[0], lp, allow_unused=True)
+    c = torch.zeros(batch.num_sequences, dtype=torch.float64, device=logps.device)
+    if grad is not None:
+        scored = batch.mask > 0
+        c[batch.seq[scored]] = grad[scored]   # equal within a completion: any of its tokens gives c_s
+    return c
+
+
 def _nanmin(x: Tensor) -> Tensor:
     x = x[~torch.isnan(x)]
     return x.new_tensor(float("nan")) if x.numel() == 0 else x.min()

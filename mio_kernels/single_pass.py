@@ -65,19 +65,18 @@ def free_device_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, labels: Tensor,
-                        bias: Optional[Tensor], explicit: bool = False) -> Optional[str]:
-    """None when the native single pass may run for this call (module docstring), else why not.
-    An explicit backward_mode='single_pass' may take more than one weight gradient's accumulators."""
-    slots = accumulator_slots(cfg)  # from the options: no host sync for the labels here
+def accumulator_blocker(slots: int, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+                        explicit: bool, why_slots: str) -> Optional[str]:
+    """None when a single pass with `slots` accumulators may run (module docstring), else why not.
+    An explicit backward_mode='single_pass' may take more than one weight gradient's accumulators;
+    why_slots says where the slot count comes from."""
     vocab, width = weight.shape
     needs_weight, needs_bias = weight.requires_grad, bias is not None and bias.requires_grad
     acc = accumulator_bytes(slots, vocab, width, hidden.dtype, needs_weight, needs_bias)
     one_gradient = accumulator_bytes(1, vocab, width, hidden.dtype, True, needs_bias)
     if acc > one_gradient and not explicit:
         return (f"its {slots} accumulators of [V={vocab}, H={width}] take {acc} bytes, more than one weight "
-                f"gradient ({one_gradient} bytes; loss_type={cfg.loss_type!r} with num_negatives="
-                f"{cfg.num_negatives} and sft_weight={cfg.sft_weight} needs 1 + K slots)")
+                f"gradient ({one_gradient} bytes; {why_slots})")
     if hidden.is_cuda and acc > 0:
         elem = _native.accumulation_dtype(hidden.dtype).itemsize
         need = acc + chunk_rows(_budget_bytes(hidden.device), vocab, hidden.dtype, labels.numel()) * vocab * elem
@@ -86,6 +85,14 @@ def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, l
             return (f"its accumulators and logits chunk need {need} bytes but {hidden.device} has {free} bytes "
                     f"free, less than that plus a margin of {DEVICE_MEMORY_MARGIN} bytes")
     return None
+
+
+def single_pass_blocker(cfg: PreferenceConfig, hidden: Tensor, weight: Tensor, labels: Tensor,
+                        bias: Optional[Tensor], explicit: bool = False) -> Optional[str]:
+    """`accumulator_blocker` for a preference loss's slots (from the options: no host sync here)."""
+    return accumulator_blocker(accumulator_slots(cfg), hidden, weight, labels, bias, explicit,
+                               f"loss_type={cfg.loss_type!r} with num_negatives={cfg.num_negatives} and "
+                               f"sft_weight={cfg.sft_weight} needs 1 + K slots")
 
 
 def single_pass_candidate(backward_mode: str, backend: str, hidden: Tensor, weight: Tensor,

@@ -44,6 +44,9 @@ VARIANTS = {
                      iw=True, packed=False, transform=dict(final_logit_softcapping=4.0, logit_scale=1.3)),
     "packed_iw_entropy": dict(opts=dict(entropy_coef=-0.03, max_completion_length=12), adv_tokens=False, old=True,
                               iw=True, packed=True, transform=dict(final_logit_softcapping=6.0, temperature=1.2)),
+    # GSPO without KL or entropy: the per-sequence single pass's options
+    "gspo": dict(opts=dict(delta=1.4, epsilon_high=0.28), adv_tokens=True, old=True, iw=True, packed=True,
+                 transform=dict(final_logit_softcapping=5.0, temperature=0.8)),
 }
 
 
@@ -73,7 +76,8 @@ def oracle_token_logps(hidden, weight, bias, labels, transform):
 
 def oracle_trl_loss(lp, ent, mask, adv, old, ref, iw, loss_type="dapo", epsilon_low=0.2, epsilon_high=None,
                     delta=None, beta=0.0, importance_sampling_level="token", entropy_coef=0.0,
-                    use_bias_correction_kl=True, max_completion_length=None, num_items_in_batch=None):
+                    use_bias_correction_kl=True, max_completion_length=None, num_items_in_batch=None,
+                    log_entropy=True):
     """TRL's loss (grpo_oracle) with TRL's default SAPO temperatures and shape-based per-completion
     metrics; -> (loss, detached metrics, the scale rounding errors are relative to: the terms'
     magnitudes before they cancel)."""
@@ -86,7 +90,7 @@ def oracle_trl_loss(lp, ent, mask, adv, old, ref, iw, loss_type="dapo", epsilon_
         lp, ent, mask, adv, old, ref, iw, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
         beta=beta, importance_sampling_level=importance_sampling_level, entropy_coef=entropy_coef,
         use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
-        per_completion=per_completion, **options)
+        per_completion=per_completion, log_entropy=log_entropy, **options)
     mask = mask.to(lp.dtype)
     scale = (float(grpo_oracle.reduce_per_token(x=per_token.detach().abs(), mask=mask, **options))
              + abs(entropy_coef) * float((ent.detach() * mask).sum() / mask.sum()))
@@ -128,13 +132,14 @@ def make_case(variant, loss_type, level, dtype=torch.float32, B=3, T=9, H=16, V=
                 opts=opts, transform=spec["transform"], packed=spec["packed"], lengths=lengths, dtype=dtype)
 
 
-def oracle(case):
+def oracle(case, log_entropy=True):
     h, w, b = (case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
     lp, ent = oracle_token_logps(h, w, b, case["labels"], case["transform"])
     opts = dict(case["opts"])
     opts.setdefault("max_completion_length", case["labels"].shape[1])
     ref = case["ref"] if opts.get("beta", 0.0) else None
-    loss, metrics, scale = oracle_trl_loss(lp, ent, case["mask"], case["adv"], case["old"], ref, case["iw"], **opts)
+    loss, metrics, scale = oracle_trl_loss(lp, ent, case["mask"], case["adv"], case["old"], ref, case["iw"],
+                                           log_entropy=log_entropy, **opts)
     grads = torch.autograd.grad(loss, (h, w, b))
     return loss.detach(), grads, metrics, max(scale, 1e-3)
 
@@ -152,7 +157,7 @@ def unpack(x, lengths, like):
     return out
 
 
-def run_op(case, backend, backward_mode, requires=("hidden", "weight", "bias")):
+def run_op(case, backend, backward_mode, requires=("hidden", "weight", "bias"), log_entropy=True):
     dtype, lengths = case["dtype"], case["lengths"]
     h, w, b = (case[k].to(dtype).requires_grad_(k in requires) for k in ("hidden", "weight", "bias"))
     labels, adv, old, ref, iw = case["labels"], case["adv"], case["old"], case["ref"], case["iw"]
@@ -171,7 +176,7 @@ def run_op(case, backend, backward_mode, requires=("hidden", "weight", "bias")):
     f32 = (lambda t: None if t is None else t.float()) if dtype != torch.float64 else (lambda t: t)
     out = fused_grpo_loss(h_in, w, labels, bias=b, cu_seqlens=cu, advantages=f32(adv), old_logps=f32(old),
                           ref_logps=f32(ref), importance_weights=f32(iw), backend=backend,
-                          backward_mode=backward_mode, log_entropy=True, **kwargs)
+                          backward_mode=backward_mode, log_entropy=log_entropy, **kwargs)
     wanted = [t for t in (h, w, b) if t.requires_grad]
     grads = torch.autograd.grad(out.loss, wanted)
     grads = iter(grads)
@@ -183,9 +188,9 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
 
 
-def check_against_oracle(case, backend, backward_mode, requires=("hidden", "weight", "bias")):
-    loss_ref, grads_ref, metrics_ref, scale = oracle(case)
-    out, grads = run_op(case, backend, backward_mode, requires)
+def check_against_oracle(case, backend, backward_mode, requires=("hidden", "weight", "bias"), log_entropy=True):
+    loss_ref, grads_ref, metrics_ref, scale = oracle(case, log_entropy)
+    out, grads = run_op(case, backend, backward_mode, requires, log_entropy)
     tol = TOL[case["dtype"]]
     where = f"{backend}/{backward_mode} {case['opts']} packed={case['packed']} {case['transform']}"
     assert abs(float(out.loss.detach()) - float(loss_ref)) <= tol * scale, where
@@ -209,9 +214,25 @@ def test_native_and_reference_match_trl_formulas(loss_type, level, variant):
     check_against_oracle(case, "reference", "auto")
     set_chunk_budget_bytes(4 * 40 * 4)         # 4 logits rows: completions span chunks
     check_against_oracle(case, "native", "recompute")
-    check_against_oracle(case, "native", "auto")   # the single pass at token level
+    check_against_oracle(case, "native", "auto")   # the single pass where the options allow it
     if level == "token":
         check_against_oracle(case, "native", "single_pass")
+
+
+@needs_native
+@pytest.mark.parametrize("requires", [("hidden", "weight", "bias"), ("hidden",), ("weight", "bias")],
+                         ids=["all", "frozen_head", "head_only"])
+@pytest.mark.parametrize("variant", ["plain", "gspo"])
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "cispo"])
+def test_sequence_level_single_pass(loss_type, variant, requires):
+    """GSPO / luspo: each completion's coefficient is known once it is scored. 3-row chunks, so
+    completions span chunks: the open completion's accumulator and earlier dH rows are scaled when
+    it completes; fp32 and fp64; the entropies' values (log_entropy) computed in the same pass or not."""
+    for dtype, log_entropy in ((torch.float32, True), (torch.float64, False)):
+        case = make_case(variant, loss_type, "sequence", dtype=dtype)
+        set_chunk_budget_bytes(3 * 40 * dtype.itemsize * (1 + 6 * log_entropy))   # the pass's entropy temporaries
+        out = check_against_oracle(case, "native", "single_pass", requires, log_entropy=log_entropy)
+        assert type(out.loss.grad_fn).__name__ == "GRPOSinglePassFunctionBackward"
 
 
 @needs_native
@@ -365,6 +386,23 @@ def test_single_pass_allocates_no_vocab_by_hidden_accumulator(entropy_coef):
 
 
 @needs_native
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_sequence_level_single_pass_allocates_one_accumulator(frozen_head):
+    """GSPO's single pass: dW and one [V, H] accumulator (the completion open across chunks) in its
+    forward; none of either when the head is frozen (LoRA); entropies logged in the same pass."""
+    B, T, H, V = 2, 40, 64, 512
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=not frozen_head)
+    labels = torch.randint(0, V, (B, T))
+    set_chunk_budget_bytes(2 * V * 4 * 7)      # 2 rows per chunk with the entropy's temporaries
+    with LargeTensors(V * H) as fwd:
+        out = fused_grpo_loss(hidden, weight, labels, advantages=torch.randn(B), old_logps=-torch.rand(B, T) - 6,
+                              importance_sampling_level="sequence", log_entropy=True, backward_mode="single_pass")
+    assert len(fwd.storages) == (0 if frozen_head else 2), len(fwd.storages)
+    assert out.token_entropy is not None and type(out.loss.grad_fn).__name__ == "GRPOSinglePassFunctionBackward"
+
+
+@needs_native
 def test_the_probe_sees_an_accumulator():
     """The probe works: the per-sequence single pass of fused_mio_loss allocates dW and its accumulator."""
     from mio_kernels import fused_mio_loss
@@ -384,18 +422,40 @@ def _small(B=2, T=5, H=8, V=30):
             torch.randint(0, V, (B, T)), torch.randn(B))
 
 
+SEQUENCE_PASS_BLOCKERS = [(dict(beta=0.1), "KL term"), (dict(loss_type="cispo"), "cispo"),
+                          (dict(entropy_coef=0.01), "entropy bonus")]
+
+
 @needs_native
-def test_sequence_level_single_pass_is_refused_and_auto_recomputes(monkeypatch):
+@pytest.mark.parametrize("changes,why", SEQUENCE_PASS_BLOCKERS, ids=[w for _, w in SEQUENCE_PASS_BLOCKERS])
+def test_sequence_level_single_pass_refused_when_a_token_has_its_own_coefficient(changes, why, monkeypatch):
+    """KL, cispo and the entropy bonus give tokens coefficients of their own: an explicit single_pass says
+    which, auto recomputes; a forward-only call does no gradient work."""
     hidden, weight, labels, adv = _small()
-    with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
-        fused_grpo_loss(hidden, weight, labels, advantages=adv, importance_sampling_level="sequence",
-                        backend="native", backward_mode="single_pass")
-    import mio_kernels.backends.token_pass as tp
-    monkeypatch.setattr(tp, "token_pass", lambda *a, **k: pytest.fail("single pass taken"))
+    kwargs = dict(advantages=adv, importance_sampling_level="sequence", backend="native", **changes)
+    if "beta" in changes:
+        kwargs["ref_logps"] = torch.randn(labels.shape)
+    with pytest.raises(ValueError, match=f"importance_sampling_level='sequence': .*{why}"):
+        fused_grpo_loss(hidden, weight, labels, backward_mode="single_pass", **kwargs)
+    import mio_kernels.backends.single_pass as sp
+    monkeypatch.setattr(sp, "single_pass", lambda *a, **k: pytest.fail("single pass taken"))
+    out = fused_grpo_loss(hidden, weight, labels, **kwargs)
+    assert type(out.loss.grad_fn).__name__ == "GRPOLossFunctionBackward"
+    out.loss.backward()
+    with torch.no_grad():
+        fused_grpo_loss(hidden, weight, labels, backward_mode="single_pass", **kwargs)
+
+
+@needs_native
+def test_sequence_level_single_pass_by_default(monkeypatch):
+    """GSPO without KL or entropy takes the per-sequence single pass under auto."""
+    import mio_kernels.backends.single_pass as sp
+    calls, real = [], sp.single_pass
+    monkeypatch.setattr(sp, "single_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden, weight, labels, adv = _small()
     fused_grpo_loss(hidden, weight, labels, advantages=adv, importance_sampling_level="sequence",
                     backend="native").loss.backward()
-    with torch.no_grad():     # forward only: no gradient work, no single pass
-        fused_grpo_loss(hidden, weight, labels, advantages=adv, backend="native")
+    assert calls == [1]
 
 
 @needs_native

@@ -602,7 +602,7 @@ GRPO_SHARE = 0.3
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
                 "clip_ratio/high_max", "cispo_clip_ratio")
-ENTROPY_TEMPORARIES = 6   # the token pass divides its chunk rows by 1 + this with the entropy (README)
+ENTROPY_TEMPORARIES = 6   # the single passes divide their chunk rows by 1 + this with the entropy (README)
 
 
 def is_grpo_seed(seed: int) -> bool:
@@ -686,7 +686,7 @@ def draw_grpo_case(seed: int) -> dict:
     if c["chunking"] != "default":
         vp = c["V"] * (8 if c["dtype"] == "fp64" else 4)
         if (c["entropy_coef"] != 0 or c["log_entropy"]) and r.random() < 0.5:
-            vp *= 1 + ENTROPY_TEMPORARIES        # the token pass's rows per chunk with the entropy
+            vp *= 1 + ENTROPY_TEMPORARIES        # the single passes' rows per chunk with the entropy
         rows = r.randint(1, 8) if r.random() < 0.8 else r.randint(1, max(1, c["num_tokens"]))
         c["budget"] = rows * vp + r.randint(0, vp - 1)
     return c
@@ -696,21 +696,28 @@ def _with_entropy(c) -> bool:
     return c["entropy_coef"] != 0.0 or c["log_entropy"]
 
 
+def _sequence_pass_blocked(c) -> bool:
+    """grpo.py: at sequence level the single pass needs one coefficient per completion."""
+    return c["beta"] != 0.0 or c["loss_type"] == "cispo" or c["entropy_coef"] != 0.0
+
+
 def grpo_expected_outcome(c):
-    """README 'GRPO-family losses' / grpo.py: the single pass runs on the native backend with token-level
-    importance sampling; an explicit single_pass elsewhere raises ValueError; auto takes it when a
-    gradient is needed there."""
+    """README 'GRPO-family losses' / grpo.py: the single pass runs on the native backend, at token-level
+    importance sampling, or at sequence level without KL, entropy bonus or cispo; an explicit single_pass
+    elsewhere raises ValueError (at sequence level only when a gradient is needed: a forward-only
+    call does no gradient work); auto takes it when a gradient is needed there."""
     native = c["backend"] in ("native", "auto")
+    sequence_blocked = c["importance_sampling_level"] == "sequence" and _sequence_pass_blocked(c)
     if c["backward_mode"] == "single_pass":      # checked before the kernels see the dtype
         if not native:
             return ValueError, "has no single-pass backward"
-        if c["importance_sampling_level"] == "sequence":
+        if sequence_blocked and _needs_grad(c):
             return ValueError, "importance_sampling_level='sequence'"
     if c["backend"] == "triton" and c["dtype"] == "fp64":
         return TypeError, "backend='triton' supports"
     if not native:
         return "path", None
-    single = _needs_grad(c) and c["importance_sampling_level"] == "token" and c["backward_mode"] != "recompute"
+    single = _needs_grad(c) and not sequence_blocked and c["backward_mode"] != "recompute"
     return "path", "single_pass" if single else "recompute"
 
 
@@ -954,7 +961,7 @@ def _check_grpo_structure(c, d, ours, expected_path):
     for name, value in ours["metrics"].items():
         assert value.shape == () and value.dtype == out_dtype and not value.requires_grad, name
     if expected_path is not None and ours["grad_fn"] is not None:
-        single = "TokenPass" in ours["grad_fn"]
+        single = "SinglePass" in ours["grad_fn"]
         assert single == (expected_path == "single_pass"), \
             f"expected the {expected_path} path, got grad_fn {ours['grad_fn']}"
     requires = _requires(c)

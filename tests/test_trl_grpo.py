@@ -238,7 +238,10 @@ def test_precision_against_float64(tokenizer, tmp_path):
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
     (dict(loss_type="vespo"), "loss_type='vespo'"),
     (dict(use_liger_kernel=True), "use_liger_kernel"),
-    (dict(mio_backward_mode="single_pass", importance_sampling_level="sequence"), "single_pass"),
+    (dict(mio_backward_mode="single_pass", importance_sampling_level="sequence", beta=0.1), "KL term"),
+    (dict(mio_backward_mode="single_pass", importance_sampling_level="sequence", use_adaptive_entropy=True),
+     "entropy bonus"),
+    (dict(mio_backward_mode="single_pass", importance_sampling_level="sequence", loss_type="cispo"), "cispo"),
     (dict(mio_backend="cuda"), "mio_backend"),
 ])
 def test_refused_options(tmp_path, option, match):

@@ -1,7 +1,9 @@
 """Single-pass gradient of the native backend: the LM-head gradient is formed in the forward.
 
-For every loss of the op, dL/dlogp_t is one number c_s for all scored tokens t of a sequence s
-(`Objective.seq_token_grad`). So the gradient is built while the chunk's logits are in memory.
+For every loss of fused_mio_loss, dL/dlogp_t is one number c_s for all scored tokens t of a
+sequence s (`Objective.seq_token_grad`); so it is for fused_grpo_loss at sequence-level importance
+sampling without per-token terms (`grpo_losses.sequence_coefficients`, each completion its own
+group). So the gradient is built while the chunk's logits are in memory.
 Per chunk of R scored token rows (GEMMs through ATen: CPU BLAS / cuBLAS; the row epilogue is the
 extension's mio_native::grad_epilogue):
 
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mio_kernels import _native
-from mio_kernels.transform import IDENTITY, LogitTransform
+from mio_kernels.transform import IDENTITY, LogitTransform, transform_logits
 
 def accumulator_bytes(slots: int, vocab: int, hidden_size: int, dtype: torch.dtype, needs_weight: bool,
                       needs_bias: bool) -> int:
@@ -48,12 +50,29 @@ def accumulator_bytes(slots: int, vocab: int, hidden_size: int, dtype: torch.dty
     return slots * ((vocab * hidden_size if needs_weight else 0) + (vocab if needs_bias else 0)) * elem
 
 
-def chunk_rows(budget_bytes: int, vocab: int, dtype: torch.dtype, scored_rows: int) -> int:
+# Chunk-sized tensors alive at once in `chunk_entropy` (transform, log-softmax, exp, product,
+# and their gradients), counted against the budget beside the logits chunk.
+ENTROPY_TEMPORARIES = 6
+
+
+def chunk_rows(budget_bytes: int, vocab: int, dtype: torch.dtype, scored_rows: int, with_entropy: bool = False) -> int:
     """Logits rows per chunk: the chunk budget's worth of rows of V elements in `dtype`'s
-    accumulation precision (4 bytes, 8 for fp64), at least 1, at most the scored rows. The same
-    rule as the native recompute passes; the accumulators are not counted against it."""
-    rows = budget_bytes // (vocab * _native.accumulation_dtype(dtype).itemsize)
-    return int(max(1, min(rows, scored_rows)))
+    accumulation precision (4 bytes, 8 for fp64), divided by 1 + ENTROPY_TEMPORARIES when the
+    entropy is computed, at least 1, at most the scored rows. The same rule as the native
+    recompute passes; the accumulators are not counted against it."""
+    per_row = vocab * _native.accumulation_dtype(dtype).itemsize * (1 + (ENTROPY_TEMPORARIES if with_entropy else 0))
+    return int(max(1, min(budget_bytes // per_row, scored_rows)))
+
+
+def chunk_entropy(x: Tensor, bias: Optional[Tensor], transform: LogitTransform, grad: Optional[Tensor]):
+    """x [r, V] raw logits (left unchanged) -> (entropy [r] of softmax(transform(x + b)),
+    grad[:, None] * d entropy / dx [r, V] or None). Plain torch autograd, as the reference backend."""
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(grad is not None)
+        logq = torch.log_softmax(transform_logits(xr if bias is None else xr + bias, transform), dim=-1)
+        entropy = -(logq.exp() * logq).sum(-1)
+        dx = None if grad is None else torch.autograd.grad(entropy, xr, grad)[0]
+    return entropy.detach(), dx
 
 
 class SinglePassResult(NamedTuple):
@@ -61,6 +80,7 @@ class SinglePassResult(NamedTuple):
     d_hidden: Optional[Tensor]   # [N, H] hidden's dtype: dL/dhidden for the coefficients given
     d_weight: Optional[Tensor]   # [V, H] weight's dtype
     d_bias: Optional[Tensor]     # [V] bias's dtype
+    entropy: Optional[Tensor] = None   # [N] like token_logps (with_entropy): values only, no gradient
 
 
 class _Schedule(NamedTuple):
@@ -125,7 +145,7 @@ class _Walk:
     """The chunk loop's state: gradients, accumulators and the group left open across chunks."""
 
     def __init__(self, hidden, weight, labels, bias, sched, members, shared_factor, coefficients, needs_hidden,
-                 needs_weight, needs_bias, slots, rows_per_chunk, transform: LogitTransform = IDENTITY):
+                 needs_weight, needs_bias, slots, rows_per_chunk, transform: LogitTransform, with_entropy: bool):
         n_tokens, width = hidden.shape
         vocab = weight.shape[0]
         self.acc = _native.accumulation_dtype(hidden.dtype)
@@ -134,10 +154,11 @@ class _Walk:
         self.hidden, self.weight = hidden, weight.to(self.cd)
         self.labels, self.sched, self.coefficients = labels, sched, coefficients
         self.transform = transform
-        self.bias = None if bias is None else bias.to(self.acc)
+        self.bias = None if bias is None else bias.to(self.acc).contiguous()   # the epilogue needs a dense [V]
         self.prefactor = None if shared_factor is None else shared_factor.to(hidden.device, self.acc)
         opts = dict(device=hidden.device, dtype=self.acc)
         self.token_logps = torch.zeros(n_tokens, **opts)
+        self.entropy = torch.zeros(n_tokens, **opts) if with_entropy else None
         self.dH = torch.zeros(n_tokens, width, **opts) if needs_hidden else None
         self.dW = torch.zeros(vocab, width, **opts) if needs_weight else None
         self.db = torch.zeros(vocab, **opts) if needs_bias else None
@@ -173,6 +194,8 @@ class _Walk:
             _mm_into(z, h, self.weight.t())
         else:
             _native.logits_into(z, h, self.weight)
+        if self.entropy is not None:   # before the epilogue overwrites the logits
+            self.entropy[rows] = chunk_entropy(z, self.bias, self.transform, None)[0]
         self.token_logps[rows] = _native.grad_epilogue(z, self.labels[rows], self.bias, self.cd,
                                                        self.transform.scale, self.transform.cap)
         dz = z if self.cd == z.dtype else z.view(self.cd)[:, :z.shape[1]]
@@ -237,13 +260,15 @@ class _Walk:
 def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor],
                 ignore_index: int, members: Tensor, shared_factor: Optional[Tensor], slots: int,
                 coefficients: Callable[[Tensor], Tensor], needs_hidden: bool, needs_weight: bool,
-                needs_bias: bool, budget_bytes: int, transform: LogitTransform = IDENTITY) -> SinglePassResult:
+                needs_bias: bool, budget_bytes: int, transform: LogitTransform = IDENTITY,
+                with_entropy: bool = False) -> SinglePassResult:
     """hidden [S, T, H], weight [V, H], labels [S, T] int64 (or packed: hidden [N, H], labels [N] and
     cu_seqlens [S + 1]), bias [V] | None; members [groups, G] and
     shared_factor [S] | None from `coefficient_groups`; coefficients(token_logps [S*T]) -> c [S],
     exact for every sequence whose group is completely scored (the others' entries are ignored).
     Token log-probs are of the transformed logits z = transform(h W^T + b) (mio_kernels/transform.py).
-    Returns the token log-probs and the gradients of sum_t c_s(t) logp_t. budget_bytes bounds the
+    Returns the token log-probs (and, with_entropy, the entropies' values) and the gradients of
+    sum_t c_s(t) logp_t. budget_bytes bounds the
     logits chunk (`chunk_rows`); whether the accumulators may be allocated is the caller's
     choice (mio_kernels/single_pass.py)."""
     width, vocab = hidden.shape[-1], weight.shape[0]
@@ -252,13 +277,13 @@ def single_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
     sched = _schedule(labels_cpu.reshape(-1), spans, ignore_index, members.cpu(), shared_factor is not None,
                       hidden.device)
     needs_bias = needs_bias and bias is not None
-    rows = chunk_rows(budget_bytes, vocab, hidden.dtype, len(sched.rows_cpu))
+    rows = chunk_rows(budget_bytes, vocab, hidden.dtype, len(sched.rows_cpu), with_entropy)
     walk = _Walk(hidden.reshape(-1, width), weight, labels.reshape(-1), bias, sched, members, shared_factor,
-                 coefficients, needs_hidden, needs_weight, needs_bias, slots, rows, transform)
+                 coefficients, needs_hidden, needs_weight, needs_bias, slots, rows, transform, with_entropy)
     for k0 in range(0, len(sched.rows_cpu), rows):
         walk.chunk(k0, min(k0 + rows, len(sched.rows_cpu)))
     return SinglePassResult(
         walk.token_logps,
         None if walk.dH is None else walk.dH.to(hidden.dtype).view(hidden.shape),
         None if walk.dW is None else walk.dW.to(weight.dtype),
-        None if walk.db is None else walk.db.to(bias.dtype))
+        None if walk.db is None else walk.db.to(bias.dtype), walk.entropy)

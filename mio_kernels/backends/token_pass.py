@@ -14,8 +14,8 @@ mio_kernels/backends/single_pass.py, whose helpers this module imports):
 With an entropy gradient (dL/dH_t = e_t, known before the forward), X <- g X + e dH/dX first and
 the rows are not scaled again. 6 N H V FLOPs, no [V, H] accumulator: memory beyond the gradients
 is one logits chunk of R * V * p bytes (p = 4, 8 for fp64), R = budget // (V * p) (at least 1),
-divided by ENTROPY_TEMPORARIES when the entropy is computed (its torch sweep holds a few
-chunk-sized temporaries).
+divided by 1 + ENTROPY_TEMPORARIES when the entropy is computed (its torch sweep holds a few
+chunk-sized temporaries): `chunk_rows` of the per-sequence pass.
 
 Host synchronisation: one, to find the scored rows.
 """
@@ -27,12 +27,8 @@ import torch
 from torch import Tensor
 
 from mio_kernels import _native
-from mio_kernels.backends.single_pass import _addmm_into, _mm_into
-from mio_kernels.transform import IDENTITY, LogitTransform, transform_logits
-
-# Chunk-sized tensors alive at once in `_chunk_entropy` (transform, log-softmax, exp, product,
-# and their gradients), counted against the budget beside the logits chunk.
-ENTROPY_TEMPORARIES = 6
+from mio_kernels.backends.single_pass import _addmm_into, _mm_into, chunk_entropy, chunk_rows
+from mio_kernels.transform import IDENTITY, LogitTransform
 
 
 class TokenPassResult(NamedTuple):
@@ -41,23 +37,6 @@ class TokenPassResult(NamedTuple):
     d_hidden: Optional[Tensor]   # [N, H] hidden's dtype
     d_weight: Optional[Tensor]   # [V, H] weight's dtype
     d_bias: Optional[Tensor]     # [V] bias's dtype
-
-
-def token_chunk_rows(budget_bytes: int, vocab: int, dtype: torch.dtype, scored_rows: int, with_entropy: bool) -> int:
-    """Logits rows per chunk: the budget alone decides (no accumulator), at least one row."""
-    per_row = vocab * _native.accumulation_dtype(dtype).itemsize * (1 + (ENTROPY_TEMPORARIES if with_entropy else 0))
-    return int(max(1, min(budget_bytes // per_row, scored_rows)))
-
-
-def _chunk_entropy(x: Tensor, bias: Optional[Tensor], transform: LogitTransform, grad: Optional[Tensor]):
-    """x [r, V] raw logits (left unchanged) -> (entropy [r] of softmax(transform(x + b)),
-    grad[:, None] * d entropy / dx [r, V] or None). Plain torch autograd, as the reference backend."""
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(grad is not None)
-        logq = torch.log_softmax(transform_logits(xr if bias is None else xr + bias, transform), dim=-1)
-        entropy = -(logq.exp() * logq).sum(-1)
-        dx = None if grad is None else torch.autograd.grad(entropy, xr, grad)[0]
-    return entropy.detach(), dx
 
 
 class _TokenWalk:
@@ -97,7 +76,7 @@ class _TokenWalk:
         dx_entropy = None
         if self.entropy is not None:
             e_grad = None if self.entropy_grad is None else self.entropy_grad.index_select(0, rows).to(self.acc)
-            ent, dx_entropy = _chunk_entropy(z, self.bias, self.transform, e_grad)
+            ent, dx_entropy = chunk_entropy(z, self.bias, self.transform, e_grad)
             self.entropy[rows] = ent
         logp = _native.grad_epilogue(z, self.labels.index_select(0, rows), self.bias, self.cd, self.transform.scale,
                                      self.transform.cap)
@@ -142,7 +121,7 @@ def token_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Te
     rows_cpu = torch.nonzero(labels.cpu() != ignore_index).flatten()
     rows_all = rows_cpu.to(hidden.device)
     scored = len(rows_cpu)
-    rows_per_chunk = token_chunk_rows(budget_bytes, weight.shape[0], hidden.dtype, max(scored, 1), with_entropy)
+    rows_per_chunk = chunk_rows(budget_bytes, weight.shape[0], hidden.dtype, max(scored, 1), with_entropy)
     walk = _TokenWalk(hidden, weight, labels, bias, coefficients, entropy_grad, with_entropy, needs_hidden,
                       needs_weight, needs_bias and bias is not None, rows_per_chunk, transform)
     for k0 in range(0, scored, rows_per_chunk):

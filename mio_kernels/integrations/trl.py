@@ -411,8 +411,8 @@ class MIOTrainer(DPOTrainer):
 from trl import GRPOConfig as _TRLGRPOConfig  # noqa: E402
 from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
 
+from mio_kernels import grpo_losses  # noqa: E402
 from mio_kernels.grpo import fused_grpo_loss  # noqa: E402
-from mio_kernels.grpo_losses import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402
 from trl.trainer.utils import nanmax, nanmin  # noqa: E402
 
 
@@ -434,9 +434,9 @@ class MIOGRPOConfig(_TRLGRPOConfig):
 
 def check_grpo_options(args: _TRLGRPOConfig) -> None:
     """ValueError naming the GRPOConfig option the fused op cannot express."""
-    if args.loss_type not in GRPO_LOSS_TYPES:
+    if args.loss_type not in grpo_losses.LOSS_TYPES:
         raise ValueError(f"MIOGRPOTrainer: loss_type={args.loss_type!r} is not supported by the fused loss "
-                         f"(one of {list(GRPO_LOSS_TYPES)})")
+                         f"(one of {list(grpo_losses.LOSS_TYPES)})")
     refused = {
         # each needs the whole batch's log-probs / entropies before any token's coefficient is known
         "top_entropy_quantile": args.top_entropy_quantile < 1.0,
@@ -454,7 +454,14 @@ def check_grpo_options(args: _TRLGRPOConfig) -> None:
     if mode not in ("auto", "single_pass", "recompute"):
         raise ValueError(f"MIOGRPOTrainer: mio_backward_mode must be auto, single_pass or recompute, got {mode!r}")
     if mode == "single_pass" and args.importance_sampling_level == "sequence":
-        raise ValueError("MIOGRPOTrainer: mio_backward_mode='single_pass' needs importance_sampling_level='token'")
+        if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+            reason = "the entropy bonus (entropy_coef, use_adaptive_entropy) gives each token a gradient of its own"
+        else:
+            reason = grpo_losses.sequence_pass_blocker(grpo_losses.GRPOConfig(
+                loss_type=args.loss_type, beta=args.beta, importance_sampling_level="sequence"))
+        if reason is not None:
+            raise ValueError(f"MIOGRPOTrainer: mio_backward_mode='single_pass' cannot run with "
+                             f"importance_sampling_level='sequence': {reason}")
 
 
 def _grpo_batch(inputs):
