@@ -41,7 +41,7 @@ from mio_kernels.backends import resolve_backend
 from mio_kernels.function import _kernel_backward, _kernel_token_logprobs, _op_entry, _outside_autocast
 from mio_kernels.grpo_losses import (GRPOConfig, TokenBatch, aggregation_weights, check_grpo_config, grpo_loss,
                                      grpo_metrics, grpo_objective, sequence_coefficients, sequence_pass_blocker,
-                                     token_coefficients)
+                                     token_coefficients, zero_coefficient_tokens)
 from mio_kernels.reference import reference_token_logprobs
 from mio_kernels.sequence import result_dtype
 from mio_kernels.single_pass import _budget_bytes, accumulator_blocker, check_backward_mode, single_pass_candidate
@@ -240,7 +240,8 @@ class GRPOSinglePassFunction(torch.autograd.Function):
 
             entropy_grad = -cfg.entropy_coef * batch.entropy_weight if cfg.entropy_coef != 0.0 else None
             result = token_pass(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), bias, ignore_index,
-                                coefficients, entropy_grad, with_entropy, *needs, budget, transform)
+                                coefficients, entropy_grad, with_entropy, *needs, budget, transform,
+                                zero_coefficient_tokens(cfg, batch))
         else:   # each completion its own coefficient group, one accumulator slot
             members = torch.arange(batch.num_sequences)[:, None]
             result = single_pass(hidden, weight, labels, bias, cu_seqlens, ignore_index, members, None, 1,

@@ -231,6 +231,15 @@ def token_coefficients(cfg: GRPOConfig, logps: Tensor, rows: Tensor, batch: Toke
     return torch.zeros_like(lp) if grad is None else grad
 
 
+def zero_coefficient_tokens(cfg: GRPOConfig, batch: TokenBatch) -> Optional[Tensor]:
+    """[N] bool: tokens whose dL/dl_t is 0 whatever their log-prob, known before the forward: an
+    advantage of 0 (every loss type's policy term is a multiple of A_t) without KL term or entropy
+    bonus. None when there is a KL term or entropy bonus."""
+    if cfg.beta != 0.0 or cfg.entropy_coef != 0.0:
+        return None
+    return batch.advantages == 0
+
+
 def sequence_pass_blocker(cfg: GRPOConfig) -> Optional[str]:
     """None when, at sequence-level importance sampling, dL/dl_t is one number per completion: the
     policy term reaches l_t only through the completion's mean log-ratio (every clipped type, sapo),

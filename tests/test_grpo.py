@@ -403,6 +403,40 @@ def test_sequence_level_single_pass_allocates_one_accumulator(frozen_head):
 
 
 @needs_native
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "sapo"])
+def test_zero_advantage_tokens_skip_the_gradient_gemms(loss_type, monkeypatch):
+    """Without KL or entropy bonus a token with advantage 0 has dL/dlogp = 0 whatever its log-prob
+    (TRL's groups whose rewards all agree): the token pass gives it its log-prob only, and the
+    gradient GEMMs see the other rows. Same values and gradients as recompute."""
+    import mio_kernels.backends.token_pass as tp
+    seen = []
+    real = tp._TokenWalk.gradients
+    monkeypatch.setattr(tp._TokenWalk, "gradients",
+                        lambda self, rows, *a: seen.append(rows.clone()) or real(self, rows, *a))
+    B, T, H, V = 4, 9, 16, 40
+    hidden, weight = torch.randn(B, T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, :2] = IGNORE
+    adv = torch.randn(B, T)
+    adv[1] = 0.0                              # a completion whose group's rewards agree
+    adv[3, ::2] = 0.0                         # scattered zero-advantage tokens
+    old = -torch.rand(B, T) - 3
+    set_chunk_budget_bytes(4 * V * 4)
+    outs = {}
+    for mode in ("single_pass", "recompute"):
+        out = fused_grpo_loss(hidden, weight, labels, advantages=adv, old_logps=old,
+                              loss_type=loss_type, epsilon_high=5.0 if loss_type == "cispo" else None,
+                              backend="native", backward_mode=mode, log_entropy=True)
+        outs[mode] = (out, torch.autograd.grad(out.loss, (hidden, weight)))
+    walked = torch.cat(seen)
+    expected = torch.nonzero(((labels != IGNORE) & (adv != 0)).reshape(-1)).flatten()
+    assert torch.equal(walked.sort().values, expected)
+    (a, ga), (b, gb) = outs["single_pass"], outs["recompute"]
+    assert torch.allclose(a.token_logps, b.token_logps) and torch.allclose(a.token_entropy, b.token_entropy)
+    assert torch.allclose(a.loss, b.loss, rtol=1e-6) and all(rel(x, y) < 1e-5 for x, y in zip(ga, gb))
+
+
+@needs_native
 def test_the_probe_sees_an_accumulator():
     """The probe works: the per-sequence single pass of fused_mio_loss allocates dW and its accumulator."""
     from mio_kernels import fused_mio_loss

@@ -17,7 +17,12 @@ is one logits chunk of R * V * p bytes (p = 4, 8 for fp64), R = budget // (V * p
 divided by 1 + ENTROPY_TEMPORARIES when the entropy is computed (its torch sweep holds a few
 chunk-sized temporaries): `chunk_rows` of the per-sequence pass.
 
-Host synchronisation: one, to find the scored rows.
+Tokens known before the forward to have a zero coefficient (`value_only`: an advantage of 0 without
+KL term or entropy bonus, TRL's groups whose rewards all agree) are walked last, in chunks of their
+own, through GEMM 1 and the epilogue only: 2 H V FLOPs each instead of 6, as the recompute backward
+skips rows with a zero gradient.
+
+Host synchronisation: one, to find the scored (and value-only) rows.
 """
 from __future__ import annotations
 
@@ -68,19 +73,23 @@ class _TokenWalk:
             _native.logits_into(z, h, self.weight)
         return z
 
-    def chunk(self, rows: Tensor, start: int, consecutive: bool) -> None:
-        """Token rows `rows` [r] (device), which are start, start + 1, ... when consecutive."""
+    def chunk(self, rows: Tensor, start: int, consecutive: bool, with_gradient: bool) -> None:
+        """Token rows `rows` [r] (device), which are start, start + 1, ... when consecutive; without
+        gradient: their log-probs (and entropies) only."""
         n = rows.shape[0]
         h = (self.hidden.narrow(0, start, n) if consecutive else self.hidden.index_select(0, rows)).to(self.cd)
         z = self.logits(h)
         dx_entropy = None
         if self.entropy is not None:
-            e_grad = None if self.entropy_grad is None else self.entropy_grad.index_select(0, rows).to(self.acc)
+            e_grad = (None if self.entropy_grad is None or not with_gradient
+                      else self.entropy_grad.index_select(0, rows).to(self.acc))
             ent, dx_entropy = chunk_entropy(z, self.bias, self.transform, e_grad)
             self.entropy[rows] = ent
         logp = _native.grad_epilogue(z, self.labels.index_select(0, rows), self.bias, self.cd, self.transform.scale,
                                      self.transform.cap)
         self.token_logps[rows] = logp
+        if not with_gradient:
+            return
         dz = z if self.cd == z.dtype else z.view(self.cd)[:, :z.shape[1]]
         g = self.coefficients(rows, logp).to(self.acc)
         f = g
@@ -111,23 +120,35 @@ class _TokenWalk:
 def token_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
                coefficients: Callable[[Tensor, Tensor], Tensor], entropy_grad: Optional[Tensor], with_entropy: bool,
                needs_hidden: bool, needs_weight: bool, needs_bias: bool, budget_bytes: int,
-               transform: LogitTransform = IDENTITY) -> TokenPassResult:
+               transform: LogitTransform = IDENTITY, value_only: Optional[Tensor] = None) -> TokenPassResult:
     """hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None.
     coefficients(rows [r] int64 (device), logp [r]) -> dL/dlogp of those tokens [r];
     entropy_grad [N] | None: dL/dentropy_t (implies with_entropy).
+    value_only [N] bool | None: tokens whose coefficient and entropy gradient are known to be 0; they
+    are walked after the others, in chunks of their own, for their log-probs (and entropies) only.
     Returns the token log-probs (and entropies) and the gradients of
     sum_t coefficient_t logp_t + entropy_grad_t entropy_t w.r.t. hidden, weight and bias."""
     with_entropy = with_entropy or entropy_grad is not None
-    rows_cpu = torch.nonzero(labels.cpu() != ignore_index).flatten()
+    scored_cpu = labels.cpu() != ignore_index
+    if value_only is None:
+        groups = [torch.nonzero(scored_cpu).flatten()]
+    else:   # rows with a gradient first, then the value-only rows: each chunk is one or the other
+        skip = value_only.cpu()
+        groups = [torch.nonzero(scored_cpu & ~skip).flatten(), torch.nonzero(scored_cpu & skip).flatten()]
+    rows_cpu = torch.cat(groups)
     rows_all = rows_cpu.to(hidden.device)
     scored = len(rows_cpu)
     rows_per_chunk = chunk_rows(budget_bytes, weight.shape[0], hidden.dtype, max(scored, 1), with_entropy)
     walk = _TokenWalk(hidden, weight, labels, bias, coefficients, entropy_grad, with_entropy, needs_hidden,
                       needs_weight, needs_bias and bias is not None, rows_per_chunk, transform)
-    for k0 in range(0, scored, rows_per_chunk):
-        k1 = min(k0 + rows_per_chunk, scored)
-        start = int(rows_cpu[k0])
-        walk.chunk(rows_all[k0:k1], start, int(rows_cpu[k1 - 1]) - start == k1 - 1 - k0)
+    group_start = 0
+    for group, group_rows in enumerate(groups):
+        group_end = group_start + len(group_rows)
+        for k0 in range(group_start, group_end, rows_per_chunk):
+            k1 = min(k0 + rows_per_chunk, group_end)
+            start = int(rows_cpu[k0])
+            walk.chunk(rows_all[k0:k1], start, int(rows_cpu[k1 - 1]) - start == k1 - 1 - k0, group == 0)
+        group_start = group_end
     return TokenPassResult(
         walk.token_logps, walk.entropy,
         None if walk.dH is None else walk.dH.to(hidden.dtype),
