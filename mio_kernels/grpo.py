@@ -221,6 +221,33 @@ class GRPOLossFunction(torch.autograd.Function):
         return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None
 
 
+def _sequence_single_pass(hidden, weight, labels, bias, batch: TokenBatch, cfg: GRPOConfig,
+                          transform: LogitTransform, ignore_index: int, cu_seqlens, with_entropy: bool, needs,
+                          budget: int):
+    """The per-sequence single pass (each completion its own coefficient group, one accumulator slot)
+    over the completions that may have a gradient; those known to have none (every scored token's
+    advantage 0: `zero_coefficient_tokens`) get their log-probs (and entropies) from the token pass,
+    without gradient work."""
+    from mio_kernels.backends.single_pass import single_pass
+    from mio_kernels.backends.token_pass import token_pass
+
+    scored = batch.mask > 0
+    live_tokens = scored & ~zero_coefficient_tokens(cfg, batch)   # not None: no KL term or entropy bonus
+    live = torch.zeros(batch.num_sequences, device=scored.device).index_add_(0, batch.seq, live_tokens.float()) > 0
+    members = torch.nonzero(live.cpu()).flatten()[:, None]
+    result = single_pass(hidden, weight, labels, bias, cu_seqlens, ignore_index, members, None, 1,
+                         lambda logps: sequence_coefficients(cfg, logps, batch), *needs, budget, transform,
+                         with_entropy)
+    value_tokens = scored & ~live[batch.seq]
+    if not bool(value_tokens.any()):
+        return result
+    flat = labels.reshape(-1).masked_fill(~value_tokens, ignore_index)
+    values = token_pass(hidden.reshape(-1, hidden.shape[-1]), weight, flat, bias, ignore_index, None, None,
+                        with_entropy, False, False, False, budget, transform, torch.ones_like(value_tokens))
+    entropy = None if values.entropy is None else result.entropy + values.entropy   # disjoint rows
+    return result._replace(token_logps=result.token_logps + values.token_logps, entropy=entropy)
+
+
 class GRPOSinglePassFunction(torch.autograd.Function):
     """Single pass (native): the gradient is formed in the forward, by the token-level pass or, at
     sequence-level importance sampling, the per-sequence one; backward scales it by the incoming
@@ -229,7 +256,6 @@ class GRPOSinglePassFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, batch: TokenBatch, cfg: GRPOConfig, transform: LogitTransform,
                 ignore_index: int, cu_seqlens: Optional[Tensor], with_entropy: bool, check_values: bool):
-        from mio_kernels.backends.single_pass import single_pass
         from mio_kernels.backends.token_pass import token_pass
 
         needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
@@ -242,11 +268,9 @@ class GRPOSinglePassFunction(torch.autograd.Function):
             result = token_pass(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), bias, ignore_index,
                                 coefficients, entropy_grad, with_entropy, *needs, budget, transform,
                                 zero_coefficient_tokens(cfg, batch))
-        else:   # each completion its own coefficient group, one accumulator slot
-            members = torch.arange(batch.num_sequences)[:, None]
-            result = single_pass(hidden, weight, labels, bias, cu_seqlens, ignore_index, members, None, 1,
-                                 lambda logps: sequence_coefficients(cfg, logps, batch), *needs, budget, transform,
-                                 with_entropy)
+        else:
+            result = _sequence_single_pass(hidden, weight, labels, bias, batch, cfg, transform, ignore_index,
+                                           cu_seqlens, with_entropy, needs, budget)
         entropy = result.entropy
         if check_values:
             check_finite_result(result.token_logps, hidden=hidden, weight=weight, bias=bias)

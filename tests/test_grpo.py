@@ -437,6 +437,39 @@ def test_zero_advantage_tokens_skip_the_gradient_gemms(loss_type, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("loss_type", ["grpo", "sapo"])
+def test_zero_advantage_completions_skip_the_sequence_pass(loss_type, monkeypatch):
+    """GSPO: a completion whose advantages are all 0 has c_s = 0 whatever its log-probs; the
+    per-sequence pass walks the others, and the skipped one gets its log-probs and entropies from the
+    token pass without gradient work. Same values and gradients as recompute, padded and packed."""
+    import mio_kernels.backends.single_pass as sp
+    walked = []
+    real = sp.single_pass
+    monkeypatch.setattr(sp, "single_pass",
+                        lambda *a, **k: walked.append(a[6].flatten().tolist()) or real(*a, **k))
+    B, T, H, V = 4, 9, 16, 40
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    labels[2, :3] = IGNORE
+    adv, old = torch.tensor([0.7, 0.0, -1.2, 0.0], dtype=torch.float64), -torch.rand(B, T, dtype=torch.float64) - 3
+    set_chunk_budget_bytes(4 * V * 8 * 7)
+    for packed in (False, True):
+        extra = dict(cu_seqlens=torch.arange(0, B * T + 1, T)) if packed else {}
+        h, y, o = (hidden.reshape(B * T, H), labels.reshape(-1), old.reshape(-1)) if packed else (hidden, labels, old)
+        outs = {}
+        for mode in ("single_pass", "recompute"):
+            out = fused_grpo_loss(h, weight, y, advantages=adv, old_logps=o, loss_type=loss_type, backend="native",
+                                  importance_sampling_level="sequence", backward_mode=mode, log_entropy=True, **extra)
+            outs[mode] = (out, torch.autograd.grad(out.loss, (hidden, weight)))
+        assert walked[-1] == [0, 2]
+        (a, ga), (b, gb) = outs["single_pass"], outs["recompute"]
+        assert torch.allclose(a.token_logps, b.token_logps, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(a.token_entropy, b.token_entropy, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(a.loss, b.loss, rtol=1e-12) and all(rel(x, z) < 1e-10 for x, z in zip(ga, gb))
+
+
+@needs_native
 def test_the_probe_sees_an_accumulator():
     """The probe works: the per-sequence single pass of fused_mio_loss allocates dW and its accumulator."""
     from mio_kernels import fused_mio_loss

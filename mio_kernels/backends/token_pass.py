@@ -122,7 +122,8 @@ def token_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Te
                needs_hidden: bool, needs_weight: bool, needs_bias: bool, budget_bytes: int,
                transform: LogitTransform = IDENTITY, value_only: Optional[Tensor] = None) -> TokenPassResult:
     """hidden [N, H], weight [V, H], labels [N] int64, bias [V] | None.
-    coefficients(rows [r] int64 (device), logp [r]) -> dL/dlogp of those tokens [r];
+    coefficients(rows [r] int64 (device), logp [r]) -> dL/dlogp of those tokens [r] (never called for
+    value_only rows);
     entropy_grad [N] | None: dL/dentropy_t (implies with_entropy).
     value_only [N] bool | None: tokens whose coefficient and entropy gradient are known to be 0; they
     are walked after the others, in chunks of their own, for their log-probs (and entropies) only.
