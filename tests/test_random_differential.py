@@ -345,15 +345,16 @@ def make_data(c) -> dict:
         shape = (_num_sequences(c), c["T"])
     d = dict(hidden=hidden.to(dtype).reshape(shape + (H,)), weight=weight.to(dtype), labels=labels.reshape(shape),
              bias=None if bias is None else bias.to(dtype))
-    if c["api"] in GRPO_APIS:
-        return grpo_data(c, d, g)
     if c["api"] == "linear":
         d["upstream"] = [torch.randn(shape, generator=g, dtype=torch.float64).to(
             torch.float64 if dtype == torch.float64 else torch.float32) for _ in range(2)]
     else:
         if c["layout"] == "packed":
             d["cu_seqlens"] = torch.tensor([0] + c["lengths"]).cumsum(0).to(getattr(torch, c["cu_dtype"]))
-        if c["ref"] == "states":
+        d["upstream"] = torch.tensor(c["upstream"], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        if c["api"] in GRPO_APIS:
+            grpo_data(c, d, g)
+        elif c["ref"] == "states":
             d["ref_hidden"] = torch.randn(shape + (c["H_ref"],), generator=g, dtype=torch.float64).to(dtype)
             d["ref_weight"] = (torch.randn(V, c["H_ref"], generator=g, dtype=torch.float64)
                                / math.sqrt(c["H_ref"])).to(dtype)
@@ -366,7 +367,6 @@ def make_data(c) -> dict:
             else:
                 ref = -torch.rand(len(_spans(c)), generator=g, dtype=torch.float64) * c["T"] * 5
             d["ref_logps"] = ref.to(DTYPES[c["ref_logps_dtype"]])
-        d["upstream"] = torch.tensor(c["upstream"], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     for name in c["noncontig"]:
         if name == "upstream" and c["api"] == "linear":
             d["upstream"] = [_strided(u, c["noncontig_how"]) for u in d["upstream"]]
@@ -746,12 +746,11 @@ def _away_from_kinks(x: float, kinks, margin: float) -> float:
     return x
 
 
-def grpo_data(c, d, g) -> dict:
-    """The per-token / per-completion inputs of a GRPO case. old_logps = log-probs - d with d ~ N(0,
+def grpo_data(c, d, g) -> None:
+    """Into d: the per-token / per-completion inputs of a GRPO case (make_data adds the rest). old_logps = log-probs - d with d ~ N(0,
     spread) (ratios on both sides of the clip boundaries), each ratio (token level) or completion mean
     (sequence level) moved at least 1e-3 + 1e-4 |logp| from every kink so rounding cannot cross one;
     ref_logps = log-probs + N(0, 0.5). Unscored positions hold garbage (NaN with poison_unscored)."""
-    dtype = DTYPES[c["dtype"]]
     aux = torch.float64 if c["aux_dtype"] == "fp64" else torch.float32
     labels = d["labels"].reshape(-1)
     scored = labels != c["ignore_index"]
@@ -795,15 +794,6 @@ def grpo_data(c, d, g) -> dict:
     d["importance_weights"] = None if iw is None else (
         0.2 + 1.8 * torch.rand(b, generator=g, dtype=torch.float64) if iw == "sequence"
         else garbage(0.2 + 1.8 * torch.rand(n, generator=g, dtype=torch.float64))).to(aux)
-    if c["layout"] == "packed":
-        d["cu_seqlens"] = torch.tensor([0] + c["lengths"]).cumsum(0).to(getattr(torch, c["cu_dtype"]))
-    d["upstream"] = torch.tensor(c["upstream"], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    for name in c["noncontig"]:
-        if name != "upstream" and d.get(name) is not None:
-            d[name] = _strided(d[name], c["noncontig_how"])
-    for name in _requires(c):
-        d[name].requires_grad_()
-    return d
 
 
 def _num_items(c):
