@@ -33,7 +33,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,19 +160,11 @@ def worker_main(spec_path: str) -> None:
 
 def measure_memory(name: str, options: GRPOOptions, inputs_path: str, threads: int, folder: str) -> dict:
     spec_path, result_path = os.path.join(folder, f"spec_{name}.json"), os.path.join(folder, f"memory_{name}.json")
-    with open(spec_path, "w") as f:
-        json.dump({"impl": name, "options": impls_mod.options_dict(options), "inputs": inputs_path,
-                   "threads": threads, "result": result_path}, f)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_path], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=3600)
-    if proc.returncode == 0 and os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
-    tail = (proc.stderr or proc.stdout or "").strip().splitlines()
-    reason = f"memory worker exited with {proc.returncode}" + (f": {tail[-1][:200]}" if tail else "")
-    if proc.returncode in (-9, 137):
-        reason += " (killed: out of memory?)"
-    return {"peak_extra_bytes": None, "memory_error": reason}
+    spec = {"impl": name, "options": impls_mod.options_dict(options), "inputs": inputs_path, "threads": threads,
+            "result": result_path}
+    result, reason = bench.run_json_worker([sys.executable, os.path.abspath(__file__), "--worker", spec_path], spec,
+                                           spec_path, result_path, 3600, label="memory worker")
+    return result if reason is None else {"peak_extra_bytes": None, "memory_error": reason}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -313,24 +313,34 @@ def worker_command(spec_path: str) -> List[str]:
     return [sys.executable, os.path.abspath(__file__), "--worker", spec_path]
 
 
+def run_json_worker(command: List[str], spec: dict, spec_path: str, result_path: str, timeout: Optional[float],
+                    label: str = "worker"):
+    """Write `spec` to spec_path, run `command` in a fresh process -> (the JSON it wrote to result_path,
+    None), or (None, why it failed: its exit code and last line, a kill by the OOM killer flagged)."""
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    proc = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          timeout=timeout)
+    if proc.returncode == 0 and os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f), None
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()
+    reason = f"{label} exited with {proc.returncode}" + (f": {tail[-1][:200]}" if tail else "")
+    if proc.returncode in (-9, 137):
+        reason += " (killed: out of memory?)"
+    return None, reason
+
+
 def run_in_subprocess(impl: Impl, case: Case, settings: dict, folder: str, role: str) -> List[dict]:
     tag = f"{impl.name}_{'_'.join(case.losses)}"
     spec_path = os.path.join(folder, f"spec_{tag}.json")
     result_path = os.path.join(folder, f"rows_{tag}.json")
     spec = {"impl": dataclasses.asdict(impl), "shape": dataclasses.asdict(case.shape), "losses": list(case.losses),
             "settings": settings, "folder": folder, "role": role, "result": result_path}
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(worker_command(spec_path), capture_output=True, text=True, env=env,
-                          timeout=settings.get("worker_timeout_s"))
-    if proc.returncode == 0 and os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
-    tail = (proc.stderr or proc.stdout or "").strip().splitlines()
-    reason = f"worker exited with {proc.returncode}" + (f": {tail[-1][:200]}" if tail else "")
-    if proc.returncode in (-9, 137):
-        reason += " (killed: out of memory?)"
+    rows, reason = run_json_worker(worker_command(spec_path), spec, spec_path, result_path,
+                                   settings.get("worker_timeout_s"))
+    if reason is None:
+        return rows
     return [{"shape": case.shape.as_dict(), "impl": impl.name, "label": impl.label, "loss": lt, "status": "error",
              "reason": reason} for lt in case.losses]
 
