@@ -22,6 +22,7 @@ ours: grpo_impls.py.
     python benchmarks/bench_grpo.py                       # 2 x 8192 tokens, H 256, V 32000, dapo + KL, fp32
     python benchmarks/bench_grpo.py --quick               # tiny shape, 1 round (a smoke run)
     python benchmarks/bench_grpo.py --shape 2x4096x256x32000 --loss-type grpo --impls ours_recompute,liger
+    python benchmarks/bench_grpo.py --beta 0 --loss-type grpo --zero-advantages 0.5   # half the groups tied
     python benchmarks/bench_grpo.py --importance-sampling-level sequence --beta 0 --loss-type grpo   # GSPO
 
 Writes --out (JSON) and the markdown table beside it (.md), and prints the table.
@@ -158,6 +159,11 @@ def worker_main(spec_path: str) -> None:
         json.dump(result, f)
 
 
+def _zero_advantages(inputs: dict) -> str:
+    share = inputs.get("zero_advantages", 0.0)
+    return f" ({share:.0%} of the completions at 0)" if share else ""
+
+
 def measure_memory(name: str, options: GRPOOptions, inputs_path: str, threads: int, folder: str) -> dict:
     spec_path, result_path = os.path.join(folder, f"spec_{name}.json"), os.path.join(folder, f"memory_{name}.json")
     spec = {"impl": name, "options": impls_mod.options_dict(options), "inputs": inputs_path, "threads": threads,
@@ -242,7 +248,8 @@ def markdown(result: dict) -> str:
         "",
         f"{opts['loss_type']}, beta {opts['beta']:g}, {eps}, {_is_level(opts)}, "
         f"{'bias-corrected KL' if opts['beta'] else 'no KL term'}"
-        f"{', ours logs entropy' if opts.get('log_entropy') else ''}; advantages per completion, old log-probs "
+        f"{', ours logs entropy' if opts.get('log_entropy') else ''}; advantages per completion"
+        f"{_zero_advantages(result['inputs'])}, old log-probs "
         f"off-policy (N(0, {result['inputs']['off_policy_std']:g}) log-ratios)"
         f"{', reference log-probs given' if opts['beta'] else ''}. "
         f"{result['rounds']} interleaved round(s); {env['device']}; torch {env['torch']}, liger-kernel "
@@ -295,6 +302,8 @@ def parse_args(argv=None):
     p.add_argument("--importance-sampling-level", default="token", choices=impls_mod.IMPORTANCE_SAMPLING_LEVELS,
                    help="token (default) or sequence: GSPO, one importance ratio per completion (the exp of its "
                         "mean log-ratio); needs --beta 0, no --entropy and a --loss-type other than cispo")
+    p.add_argument("--zero-advantages", type=float, default=0.0,
+                   help="fraction of the completions with advantage 0 (TRL's groups whose rewards all agree; default 0)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 1)")
     p.add_argument("--impls", default=",".join(IMPL_NAMES),
                    help=f"comma-separated, from {', '.join(IMPL_NAMES)}; {OURS.name} (the check target) always runs "
@@ -310,6 +319,8 @@ def parse_args(argv=None):
     refused = _single_pass_refusal(args)
     if refused:
         p.error(refused)
+    if not 0.0 <= args.zero_advantages <= 1.0:
+        p.error(f"--zero-advantages must be a fraction in [0, 1], got {args.zero_advantages:g}")
     return args
 
 
@@ -415,11 +426,12 @@ def main(argv=None) -> dict:
     floors = bench.measure_floors(bench.Shape(B, T, H, V, K=0), device, dtype)
     off_policy_std = 0.1
     inputs = impls_mod.make_grpo_inputs(B, T, H, V, options, seed=args.seed, off_policy_std=off_policy_std,
-                                        device=device)
+                                        zero_advantages=args.zero_advantages, device=device)
     result = {"schema": 1, "benchmark": "grpo-interleaved", "environment": env, "dtype": "float32",
               "shape": {"B": B, "T": T, "H": H, "V": V, "N": B * T, "scored_tokens": int(inputs.mask.sum())},
               "options": impls_mod.options_dict(options),
               "inputs": {"seed": args.seed, "advantages": "per completion [B], N(0, 1)",
+                         "zero_advantages": args.zero_advantages,
                          "off_policy_std": off_policy_std, "ref_std": 0.1,
                          "old_logps": "current per-token log-probs minus N(0, 0.1), kept 1e-3 from the clip bounds",
                          "ref_logps": "current per-token log-probs minus N(0, 0.1)" if options.beta else None},

@@ -144,12 +144,13 @@ def current_logps(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: 
 
 def make_grpo_inputs(B: int, T: int, H: int, V: int, options: GRPOOptions, seed: int = 0,
                      off_policy_std: float = 0.1, ref_std: float = 0.1, margin: float = 1e-3,
-                     device: torch.device = torch.device("cpu")) -> GRPOInputs:
+                     zero_advantages: float = 0.0, device: torch.device = torch.device("cpu")) -> GRPOInputs:
     """Seeded inputs drawn as bench_loss.make_inputs draws them (hidden ~ N(0, 1), logits ~ N(0, 1),
     up to T/8 padding tokens at the end of each completion), plus advantages [B] ~ N(0, 1), and
     old / reference per-token log-probs = the current ones minus N(0, std) perturbations (off-policy:
     ratios around 1, a few percent of the tokens clipped at eps = 0.2). The old log-ratios are kept
-    `margin` away from the clip boundaries (`clip_boundaries`)."""
+    `margin` away from the clip boundaries (`clip_boundaries`). The first round(zero_advantages * B)
+    completions get advantage 0 (groups whose rewards all agree), after the same draws."""
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=gen, device=device)
     weight = torch.randn(V, H, generator=gen, device=device) / math.sqrt(H)
@@ -157,6 +158,7 @@ def make_grpo_inputs(B: int, T: int, H: int, V: int, options: GRPOOptions, seed:
     lengths = T - torch.randint(0, T // 8 + 1, (B,), generator=gen, device=device)
     labels[torch.arange(T, device=device)[None, :] >= lengths[:, None]] = -100
     advantages = torch.randn(B, generator=gen, device=device)
+    advantages[:round(zero_advantages * B)] = 0.0
     d_old = torch.randn(B, T, generator=gen, device=device) * off_policy_std
     d_ref = torch.randn(B, T, generator=gen, device=device) * ref_std
     for b in clip_boundaries(options):

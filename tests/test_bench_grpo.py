@@ -83,6 +83,29 @@ def test_sequence_level_refuses_what_the_single_pass_cannot_run(extra, named, ca
     assert named in capsys.readouterr().err
 
 
+def test_zero_advantages_every_row_agrees(tmp_path):
+    """--zero-advantages: that share of the completions at A = 0 (the single passes give them log-probs
+    only); the other draws unchanged; every row still passes the check."""
+    options = grpo_impls.GRPOOptions(beta=0.0, loss_type="grpo")
+    plain = grpo_impls.make_grpo_inputs(4, 16, 8, 64, options, seed=3)
+    zeroed = grpo_impls.make_grpo_inputs(4, 16, 8, 64, options, seed=3, zero_advantages=0.5)
+    assert torch.equal(zeroed.advantages[:2], torch.zeros(2)) and torch.equal(zeroed.advantages[2:], plain.advantages[2:])
+    assert torch.equal(zeroed.old_logps, plain.old_logps) and torch.equal(zeroed.hidden, plain.hidden)
+    result = bench_grpo.main(["--quick", "--no-memory", "--beta", "0", "--loss-type", "grpo", "--zero-advantages",
+                              "0.5", "--impls", "ours_recompute,naive", "--out", str(tmp_path / "zero.json")])
+    assert result["inputs"]["zero_advantages"] == 0.5
+    for name in ("ours_single_pass", "ours_recompute", "naive"):
+        assert result["rows"][name]["check"]["status"] in ("target", "ok"), result["rows"][name]
+    assert "50% of the completions at 0" in (tmp_path / "zero.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_zero_advantages_out_of_range_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        bench_grpo.parse_args(["--zero-advantages", value])
+    assert "--zero-advantages must be a fraction in [0, 1]" in capsys.readouterr().err
+
+
 def test_sequence_level_formula_is_trl_masked_mean_log_ratio():
     logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
     old = torch.tensor([[-1.5, -1.5, 0.0], [-0.2, -0.5, -0.5]])
