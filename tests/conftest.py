@@ -39,7 +39,7 @@ def device():
     return DEVICE
 
 
-def test_seed(nodeid: str) -> int:
+def seed_for_test(nodeid: str) -> int:
     """Each test's inputs come from a seed fixed by its name, so a run is reproducible and CI is not a
     lottery. MIO_TEST_SEED=<int> draws another fixed set (a stress run: loop it over integers to find
     tolerances that hold only for the default draw); a failure prints the variable that replays it."""
@@ -49,7 +49,7 @@ def test_seed(nodeid: str) -> int:
 
 @pytest.fixture(autouse=True)
 def _seeded(request):
-    torch.manual_seed(test_seed(request.node.nodeid))
+    torch.manual_seed(seed_for_test(request.node.nodeid))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -57,7 +57,7 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed and call.when == "call":
         salt = os.environ.get("MIO_TEST_SEED", "0")
-        report.sections.append(("test seed", f"MIO_TEST_SEED={salt} (torch seed {test_seed(item.nodeid)})"))
+        report.sections.append(("test seed", f"MIO_TEST_SEED={salt} (torch seed {seed_for_test(item.nodeid)})"))
     return report
 
 
