@@ -243,6 +243,7 @@ def test_precision_against_float64(tokenizer, tmp_path):
      "entropy bonus"),
     (dict(mio_backward_mode="single_pass", importance_sampling_level="sequence", loss_type="cispo"), "cispo"),
     (dict(mio_backend="cuda"), "mio_backend"),
+    (dict(mio_backward_mode="twice"), "mio_backward_mode"),
 ])
 def test_refused_options(tmp_path, option, match):
     with pytest.raises(ValueError, match=match):

@@ -412,7 +412,9 @@ from trl import GRPOConfig as _TRLGRPOConfig  # noqa: E402
 from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
 
 from mio_kernels import grpo_losses  # noqa: E402
+from mio_kernels.backends import BACKEND_NAMES  # noqa: E402
 from mio_kernels.grpo import fused_grpo_loss  # noqa: E402
+from mio_kernels.single_pass import BACKWARD_MODES  # noqa: E402
 from trl.trainer.utils import nanmax, nanmin  # noqa: E402
 
 
@@ -448,11 +450,11 @@ def check_grpo_options(args: _TRLGRPOConfig) -> None:
         if bad:
             raise ValueError(f"MIOGRPOTrainer: {option}={getattr(args, option)!r} is not supported by the fused loss")
     backend = getattr(args, "mio_backend", "auto")
-    if backend not in ("auto", "triton", "native", "reference"):
-        raise ValueError(f"MIOGRPOTrainer: mio_backend must be auto, triton, native or reference, got {backend!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"MIOGRPOTrainer: mio_backend must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
     mode = getattr(args, "mio_backward_mode", "auto")
-    if mode not in ("auto", "single_pass", "recompute"):
-        raise ValueError(f"MIOGRPOTrainer: mio_backward_mode must be auto, single_pass or recompute, got {mode!r}")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"MIOGRPOTrainer: mio_backward_mode must be one of {', '.join(BACKWARD_MODES)}, got {mode!r}")
     if mode == "single_pass" and args.importance_sampling_level == "sequence":
         if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
             reason = "the entropy bonus (entropy_coef, use_adaptive_entropy) gives each token a gradient of its own"
